@@ -1,0 +1,127 @@
+"""The ``lorafuse`` command. Thin: parse arguments, call the Python API, print the result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+from .errors import LorafuseError
+
+log = logging.getLogger("lorafuse")
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str):
+    """Register a sub-command: ``add_args(parser)`` fills the parser, the decorated function runs it."""
+
+    def wrap(add_args: Callable[[argparse.ArgumentParser], None]):
+        def register(run: Callable[[argparse.Namespace], int]):
+            COMMANDS[name] = (add_args, run)
+            return run
+
+        return register
+
+    return wrap
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", help="base model folder or .safetensors file")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapters, applied in this order")
+    p.add_argument("-o", "--output", required=True, help="output folder (created; must not exist or be empty)")
+    p.add_argument("--weight", type=float, action="append", help="strength of each adapter, once per adapter")
+    p.add_argument("--dtype", default="auto", help="auto (keep each tensor's dtype), bf16, fp16 or fp32")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--format", dest="out_format", choices=["safetensors", "bin"], default="safetensors")
+    p.add_argument("--device", default="cpu", help="cpu or cuda for the merge math")
+    p.add_argument("--adapter-format", default=None, help="force the adapter format instead of detecting it")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+@command("merge")(_merge_args)
+def run_merge(args: argparse.Namespace) -> int:
+    from .merge import merge
+
+    report = merge(
+        args.base,
+        args.adapters,
+        args.output,
+        weights=args.weight,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        out_format=args.out_format,
+        device=args.device,
+        dry_run=args.dry_run,
+        overwrite=args.overwrite,
+        adapter_format=args.adapter_format,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    verb = "would write" if report.dry_run else "wrote"
+    print(
+        f"{verb} {report.output}: {report.tensors_touched} of {report.tensors_total} tensors changed by "
+        f"{len(report.adapters)} adapter(s), {human_bytes(report.total_bytes)} in {len(report.files)} file(s), "
+        f"dtype {report.dtype}" + ("" if report.dry_run else f", {report.seconds:.1f} s")
+    )
+    if report.dry_run:
+        for name in report.files:
+            print(f"  {name}")
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafuse", description="Merge, extract, inspect and verify LoRA adapters.")
+    parser.add_argument("--version", action="version", version=f"lorafuse {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_args, _run) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=(_run.__doc__ or "").strip().splitlines()[0] if _run.__doc__ else None))
+    return parser
+
+
+def _load_commands() -> None:
+    """Import the modules that register further sub-commands (each optional feature registers itself)."""
+    import importlib
+
+    for module in ("extract_cli", "inspect_cli", "verify_cli", "combine_cli"):
+        try:
+            importlib.import_module(f"lorafuse.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"lorafuse.{module}":
+                raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lorafuse`` console script."""
+    _load_commands()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return COMMANDS[args.command][1](args)
+    except LorafuseError as exc:
+        print(f"lorafuse: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lorafuse: interrupted; nothing was written to the output", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

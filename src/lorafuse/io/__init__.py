@@ -1,0 +1,1 @@
+"""Reading and writing weight files without loading a model."""

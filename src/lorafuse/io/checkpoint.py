@@ -1,0 +1,175 @@
+"""A checkpoint: every tensor of a model or adapter across its files, read lazily by name.
+
+Safetensors files are read header-first and tensor by tensor with pread. Pickled ``.bin/.pt/.pth`` files are
+opened with ``torch.load(weights_only=True, mmap=True)`` so no code from the checkpoint ever runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .safetensors_file import TensorInfo, is_lfs_pointer, lfs_pointer_error, read_header, read_tensor
+
+SAFETENSORS_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+NESTED_STATE_DICT_KEYS = ("state_dict", "model", "module", "model_state_dict")
+
+
+def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a pickled checkpoint safely (weights only), unwrapping nested ``state_dict``/``model`` dicts."""
+    if is_lfs_pointer(path):
+        raise lfs_pointer_error(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
+        raise InputError(
+            f"cannot load {path} as a weights-only PyTorch checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}): re-export it as safetensors"
+        ) from exc
+    for _ in range(3):
+        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            inner = next((obj[k] for k in NESTED_STATE_DICT_KEYS if isinstance(obj.get(k), dict)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, dict):
+        raise InputError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise InputError(f"{path} holds no tensors")
+    return tensors
+
+
+class Checkpoint:
+    """Lazy, read-only access to the tensors of one or more weight files.
+
+    ``infos`` maps every tensor name to its :class:`TensorInfo` (for pickled files ``offset`` is -1 and the
+    tensor comes from the memory-mapped state dict).
+    """
+
+    def __init__(self, files: list[Path]):
+        if not files:
+            raise InputError("no weight files given")
+        self.files = [Path(f) for f in files]
+        self.infos: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self._fds: dict[Path, int] = {}
+        for path in self.files:
+            if not path.is_file():
+                raise InputError(f"weight file {path} does not exist")
+            if path.suffix == SAFETENSORS_SUFFIX:
+                infos, meta = read_header(path)
+                self.metadata.update(meta)
+            else:
+                state = load_pickled_state_dict(path)
+                self._pickled[path] = state
+                infos = {
+                    k: TensorInfo(k, path, v.dtype, tuple(v.shape), -1, v.numel() * v.element_size())
+                    for k, v in state.items()
+                }
+            for name, info in infos.items():
+                if name in self.infos:
+                    raise InputError(f"tensor {name!r} appears in both {self.infos[name].path} and {path}")
+                self.infos[name] = info
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    @property
+    def is_safetensors(self) -> bool:
+        return not self._pickled
+
+    def fd(self, path: Path) -> int:
+        """An open read-only descriptor for ``path`` (kept open until :meth:`close`)."""
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` in its stored dtype, in memory owned by the caller."""
+        info = self.infos[name]
+        if info.path in self._pickled:
+            return self._pickled[info.path][name].clone()
+        return read_tensor(info, self.fd(info.path))
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.infos:
+            yield name, self.get(name)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._pickled.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+WEIGHT_INDEX_RE = re.compile(r"^(?P<prefix>.+)\.(safetensors|bin)\.index\.json$")
+SHARD_RE = re.compile(r"^(?P<prefix>.+?)(-\d{5}-of-\d{5})?\.(safetensors|bin)$")
+KNOWN_WEIGHT_PREFIXES = ("model", "pytorch_model", "diffusion_pytorch_model", "adapter_model")
+
+
+def find_model_weights(folder: Path) -> tuple[list[Path], str, Path | None]:
+    """Weight files of a model folder: (files in order, file-name prefix, index file or None).
+
+    Prefers safetensors over .bin, an index over a glob; ignores adapter files and other folders.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"model folder {folder} does not exist")
+    for suffix in (".safetensors", ".bin"):
+        indexes = sorted(folder.glob(f"*{suffix}.index.json"))
+        if indexes:
+            index = indexes[0]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise InputError(f"{index} is not a valid weight index (needs a 'weight_map'): {exc}") from exc
+            names = list(dict.fromkeys(weight_map.values()))
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise InputError(f"{index} lists {missing[0]}, which is missing from {folder}: download it again")
+            prefix = WEIGHT_INDEX_RE.match(index.name).group("prefix")  # type: ignore[union-attr]
+            return [folder / n for n in names], prefix, index
+        for prefix in KNOWN_WEIGHT_PREFIXES:
+            if prefix == "adapter_model":
+                continue
+            files = sorted(folder.glob(f"{prefix}{suffix}")) or sorted(folder.glob(f"{prefix}-*-of-*{suffix}"))
+            if files:
+                return files, prefix, None
+        files = sorted(p for p in folder.glob(f"*{suffix}") if not p.name.startswith("adapter_"))
+        if suffix == ".safetensors" and files:
+            match = SHARD_RE.match(files[0].name)
+            return files, match.group("prefix") if match else "model", None
+    listing = ", ".join(sorted(p.name for p in folder.iterdir())[:20]) or "nothing"
+    raise InputError(f"{folder} holds no model weights (*.safetensors or pytorch_model*.bin); it holds: {listing}")
+
+
+def open_model(path: Path) -> tuple[Checkpoint, str, Path | None]:
+    """Open a model folder or a single weight file: (checkpoint, weight-file prefix, index file or None)."""
+    path = Path(path)
+    if path.is_file():
+        stem = path.name.rsplit(".", 1)[0]
+        return Checkpoint([path]), stem, None
+    files, prefix, index = find_model_weights(path)
+    return Checkpoint(files), prefix, index

@@ -1,0 +1,47 @@
+"""Carry over every non-weight file of a model folder (config, tokenizer, chat template, custom code, sub-folders)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def copy_extra_files(base_folder: Path, dest: Path, weight_files: list[Path], skip_names: set[str]) -> list[str]:
+    """Copy everything in ``base_folder`` except its weight files, their index and hidden entries."""
+    skip = {p.resolve() for p in weight_files}
+    copied: list[str] = []
+    for entry in sorted(base_folder.iterdir()):
+        if entry.name.startswith(".") or entry.name in skip_names or entry.resolve() in skip:
+            continue
+        if entry.name.endswith((".safetensors.index.json", ".bin.index.json")):
+            continue
+        target = dest / entry.name
+        if entry.is_dir():
+            shutil.copytree(entry, target, ignore=shutil.ignore_patterns(".*"))
+        else:
+            shutil.copy2(entry, target)
+        copied.append(entry.name)
+    return copied
+
+
+def update_config(config_path: Path, updates: dict[str, Any]) -> None:
+    """Apply ``updates`` to config.json at the top level and in nested model configs that carry the same key."""
+    if not updates or not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    for key, value in updates.items():
+        config[key] = value
+        for sub in config.values():
+            if isinstance(sub, dict) and key in sub:
+                sub[key] = value
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

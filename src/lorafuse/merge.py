@@ -1,0 +1,209 @@
+"""``lorafuse.merge``: fold adapters into a base model, streaming, and write a complete model folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from . import __version__
+from .dtypes import dtype_short_name, parse_dtype
+from .engine import write_bin, write_safetensors
+from .errors import LorafuseError
+from .formats import read_adapter
+from .io.checkpoint import open_model
+from .io.extra_files import copy_extra_files, read_json, update_config
+from .io.output import AtomicOutput, check_output
+from .io.writer import parse_size, write_index
+from .plan import AdapterInput, MergePlan, build_plan
+
+log = logging.getLogger("lorafuse")
+PROVENANCE_NAME = "lorafuse_merge.json"
+
+
+@dataclass
+class MergeReport:
+    """What a merge did (or, with ``dry_run``, would do)."""
+
+    base: str
+    adapters: list[dict[str, Any]]
+    output: str
+    dtype: str
+    format: str
+    tensors_total: int
+    tensors_touched: int
+    total_bytes: int
+    files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    copied_files: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    seconds: float = 0.0
+    lorafuse_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _planned_files(plan: MergePlan, prefix: str, max_shard: int, out_format: str) -> list[str]:
+    from .io.writer import Slot, layout_shards, shard_names
+
+    slots = [Slot(t.name, t.dtype, t.shape, t.nbytes) for t in plan.tensors]
+    count = len(layout_shards(slots, max_shard))
+    if out_format == "bin":
+        return shard_names("pytorch_model" if prefix == "model" else prefix, count, ".bin")
+    return shard_names(prefix, count, ".safetensors")
+
+
+def merge(
+    base: str | Path,
+    adapters: Sequence[str | Path],
+    output: str | Path,
+    weights: Sequence[float] | None = None,
+    dtype: str | None = "auto",
+    max_shard_size: str | int = "5GB",
+    out_format: str = "safetensors",
+    device: str = "cpu",
+    dry_run: bool = False,
+    overwrite: bool = False,
+    adapter_format: str | None = None,
+    show_progress: bool | None = None,
+) -> MergeReport:
+    """Merge ``adapters`` (in order, each scaled by its weight) into ``base`` and write the result to ``output``.
+
+    ``base`` is a model folder or a single ``.safetensors`` file; ``output`` a folder (or, for a single-file
+    base, a ``.safetensors`` path). Nothing is written with ``dry_run``. Raises :class:`LorafuseError` subclasses
+    with one-line messages on bad input.
+    """
+    started = time.perf_counter()
+    base_path = Path(base)
+    adapter_paths = [Path(a) for a in adapters]
+    if not adapter_paths:
+        raise LorafuseError("no adapter given: pass at least one adapter")
+    weights = list(weights) if weights is not None else [1.0] * len(adapter_paths)
+    if len(weights) != len(adapter_paths):
+        raise LorafuseError(f"{len(weights)} weights for {len(adapter_paths)} adapters: give one --weight per adapter")
+    if out_format not in ("safetensors", "bin"):
+        raise LorafuseError(f"unknown output format {out_format!r}: use safetensors or bin")
+    if device != "cpu":
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise LorafuseError("--device cuda was asked for but no CUDA device is available: use --device cpu")
+    out_dtype = parse_dtype(dtype)
+    max_shard = parse_size(max_shard_size)
+    output_path = Path(output)
+    if not dry_run:
+        check_output(output_path, overwrite, [base_path, *adapter_paths])
+
+    checkpoint, prefix, _index = open_model(base_path)
+    base_folder = base_path if base_path.is_dir() else None
+    base_config = read_json(base_folder / "config.json") if base_folder else None
+    inputs: list[AdapterInput] = []
+    try:
+        for path, weight in zip(adapter_paths, weights):
+            inputs.append(read_adapter(path, label=str(path), fmt=adapter_format, weight=float(weight)))
+        plan = build_plan(checkpoint, inputs, out_dtype, base_config)
+        for warning in plan.warnings:
+            log.warning(warning)
+        single_file = base_folder is None and output_path.suffix == ".safetensors"
+        report = MergeReport(
+            base=str(base_path),
+            adapters=[
+                {"path": str(a), "weight": w, "format": inp.fmt, "files": {f.name: sha256_file(f) for f in inp.files}}
+                for a, w, inp in zip(adapter_paths, weights, inputs)
+            ],
+            output=str(output_path),
+            dtype=dtype_short_name(out_dtype) if out_dtype else "auto",
+            format=out_format,
+            tensors_total=len(plan.tensors),
+            tensors_touched=len(plan.touched),
+            total_bytes=plan.total_bytes,
+            files=[output_path.name] if single_file else _planned_files(plan, prefix, max_shard, out_format),
+            warnings=list(plan.warnings),
+            config_updates=dict(plan.config_updates),
+            dry_run=dry_run,
+        )
+        if dry_run:
+            report.seconds = time.perf_counter() - started
+            return report
+        _write(
+            plan,
+            report,
+            base_folder,
+            checkpoint.files,
+            prefix,
+            output_path,
+            max_shard,
+            out_format,
+            device,
+            out_dtype,
+            single_file,
+            show_progress,
+        )
+    finally:
+        checkpoint.close()
+        for inp in inputs:
+            for edit in inp.edits:
+                for ref in edit.edit.refs():
+                    ref.checkpoint.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _write(
+    plan,
+    report,
+    base_folder,
+    weight_files,
+    prefix,
+    output_path,
+    max_shard,
+    out_format,
+    device,
+    out_dtype,
+    single_file,
+    show_progress,
+) -> None:
+    # None lets tqdm decide (shown on a terminal only).
+    disable = None if show_progress is None else not show_progress
+    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merging", disable=disable, leave=False)
+    try:
+        if single_file:
+            with AtomicOutput(output_path, is_dir=False) as out:
+                write_safetensors(plan, out.tmp.parent, prefix, max_shard, device, bar.update, single_file=out.tmp)
+                out.commit()
+            return
+        with AtomicOutput(output_path) as out:
+            writer = write_bin if out_format == "bin" else write_safetensors
+            written = writer(plan, out.tmp, prefix, max_shard, device, bar.update)
+            if written.index_name:
+                write_index(out.tmp / written.index_name, list(written.slots.values()), written.files)
+            report.files = written.files + ([written.index_name] if written.index_name else [])
+            if base_folder is not None:
+                report.copied_files = copy_extra_files(base_folder, out.tmp, weight_files, {PROVENANCE_NAME})
+                updates = dict(plan.config_updates)
+                if out_dtype is not None:
+                    # transformers 5 writes "dtype", older versions "torch_dtype".
+                    key = "dtype" if "dtype" in (read_json(out.tmp / "config.json") or {}) else "torch_dtype"
+                    updates[key] = dtype_short_name(out_dtype)
+                update_config(out.tmp / "config.json", updates)
+            (out.tmp / PROVENANCE_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            out.commit()
+    finally:
+        bar.close()

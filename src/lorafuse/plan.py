@@ -1,0 +1,222 @@
+"""The merge plan: for every output tensor, its source tensor, output dtype and ordered edits.
+
+Built and validated before one byte is written: every edit must land on an existing base tensor of a
+compatible shape, adapter tensors must be finite, and what has no effect is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .dtypes import is_float
+from .edits import DoraDelta, Edit, LoraDelta, TargetedEdit, with_strength
+from .errors import AdapterError, NonFiniteError, ShapeMismatchError
+from .io.checkpoint import Checkpoint
+from .keymatch import KeyMatcher
+
+log = logging.getLogger("lorafuse")
+
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
+OUTPUT_EMBEDDING = "lm_head.weight"
+
+
+@dataclass
+class AdapterInput:
+    """One adapter, read by its format into targeted edits."""
+
+    label: str
+    edits: list[TargetedEdit]
+    weight: float = 1.0
+    target_modules: Any = None  # from the adapter's config, to report targets that matched nothing
+    modules: dict[str, int] = field(default_factory=dict)  # LoRA module -> rank
+    keep_tied: bool = False  # PEFT ensure_weight_tying: the tied embedding and head move together
+    files: list[Path] = field(default_factory=list)  # weight files, for provenance hashes
+    fmt: str = "peft"
+
+
+@dataclass
+class OutputTensor:
+    """One tensor of the merged model."""
+
+    name: str
+    source: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    edits: list[Edit] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class MergePlan:
+    """Everything the engine needs, plus what validation found."""
+
+    base: Checkpoint
+    tensors: list[OutputTensor]
+    warnings: list[str] = field(default_factory=list)
+    config_updates: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def touched(self) -> list[OutputTensor]:
+        return [t for t in self.tensors if t.edits]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def _tied(base_config: dict[str, Any] | None) -> bool:
+    if not base_config:
+        return False
+    # transformers ties by default when config.json does not say otherwise.
+    configs = [base_config] + [v for v in base_config.values() if isinstance(v, dict) and "model_type" in v]
+    return any(c.get("tie_word_embeddings", True) is True for c in configs)
+
+
+def _embedding_key(base: Checkpoint, shape: tuple[int, ...] | None = None) -> str | None:
+    found = [
+        k for k in base.keys() if k.endswith(EMBEDDING_SUFFIXES) and (shape is None or base.infos[k].shape == shape)
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+def _fix_layout(edit: Edit, shape: tuple[int, ...]) -> Edit:
+    """A Conv1D-style base (fan_in_fan_out) whose adapter config forgot to say so: PEFT would transpose."""
+    if isinstance(edit, LoraDelta) and edit.layout in ("linear", "transposed") and edit.shape_error(shape):
+        flipped = "transposed" if edit.layout == "linear" else "linear"
+        other = replace(edit, layout=flipped)
+        if isinstance(other, DoraDelta):
+            other.output_dim = 1 - other.output_dim
+        if other.shape_error(shape) is None and len(set(shape)) == len(shape):
+            return other
+    return edit
+
+
+def build_plan(
+    base: Checkpoint,
+    adapters: list[AdapterInput],
+    dtype: torch.dtype | None = None,
+    base_config: dict[str, Any] | None = None,
+    check_values: bool = True,
+) -> MergePlan:
+    """Map every adapter edit onto the base, validate, and lay out the output tensors in base order."""
+    matcher = KeyMatcher(base.keys())
+    per_key: dict[str, list[Edit]] = {}
+    extra: dict[str, str] = {}  # new output tensor (an untied head) -> its source base tensor
+    warnings: list[str] = []
+    config_updates: dict[str, Any] = {}
+    tied = _tied(base_config) and OUTPUT_EMBEDDING not in base
+
+    for adapter in adapters:
+        for targeted in adapter.edits:
+            key = matcher.resolve(targeted.target)
+            if key is None and tied and targeted.target.endswith(OUTPUT_EMBEDDING):
+                emb = _embedding_key(base)
+                if emb is not None:
+                    key = OUTPUT_EMBEDDING
+                    extra[key] = emb
+            if key is None:
+                candidates = matcher.ambiguous(targeted.target)
+                if candidates:
+                    raise AdapterError(
+                        f"{adapter.label}: {targeted.edit.source_key!r} matches several base tensors "
+                        f"({', '.join(candidates[:3])}); pass the base model the adapter was trained on"
+                    )
+                raise ShapeMismatchError(
+                    f"{adapter.label}: {targeted.edit.source_key!r} targets {targeted.target!r}, which the base model "
+                    "does not have: is this the base model the adapter was trained on?"
+                )
+            source = extra.get(key, key)
+            shape = base.infos[source].shape
+            edit = _fix_layout(targeted.edit, shape)
+            err = edit.shape_error(shape)
+            if err:
+                raise ShapeMismatchError(
+                    f"{adapter.label}: {edit.source_key!r} does not fit base tensor {key!r}: {err}; "
+                    "is this the base model the adapter was trained on?"
+                )
+            if not is_float(base.infos[source].dtype):
+                raise AdapterError(
+                    f"{adapter.label}: base tensor {key!r} is {base.infos[source].dtype} (quantized or integer); "
+                    "merge into the unquantized base model instead, then quantize the merged model"
+                )
+            per_key.setdefault(key, []).append(with_strength(edit, adapter.weight))
+        warnings.extend(_unmatched_targets(adapter))
+
+    # A tied model whose embedding changed but whose head did not (or the reverse) must be untied to stay the
+    # model that was trained: PEFT's merge would silently move both.
+    if tied and not any(a.keep_tied for a in adapters):
+        emb = _embedding_key(base)
+        if emb is not None and (emb in per_key) != (OUTPUT_EMBEDDING in per_key):
+            extra.setdefault(OUTPUT_EMBEDDING, emb)
+            config_updates["tie_word_embeddings"] = False
+            warnings.append(
+                f"the adapters change only one of the tied {emb} / {OUTPUT_EMBEDDING}: writing both and setting "
+                "tie_word_embeddings=false so the merged model computes what was trained"
+            )
+
+    if check_values:
+        warnings.extend(_check_values(adapters))
+
+    tensors: list[OutputTensor] = []
+    for name, info in base.infos.items():
+        tensors.append(_output(name, name, info.dtype, info.shape, per_key.get(name, []), dtype))
+        for new, source in extra.items():
+            if source == name:
+                tensors.append(_output(new, source, info.dtype, info.shape, per_key.get(new, []), dtype))
+    return MergePlan(base, tensors, warnings, config_updates)
+
+
+def _output(
+    name: str, source: str, src_dtype: torch.dtype, shape: tuple[int, ...], edits: list[Edit], dtype: torch.dtype | None
+) -> OutputTensor:
+    out_dtype = dtype if (dtype is not None and is_float(src_dtype)) else src_dtype
+    return OutputTensor(name, source, out_dtype, tuple(shape), list(edits))
+
+
+def _unmatched_targets(adapter: AdapterInput) -> list[str]:
+    """Configured target modules that no LoRA tensor of the adapter belongs to."""
+    targets = adapter.target_modules
+    modules = list(adapter.modules)
+    if not targets or not modules:
+        return []
+    if isinstance(targets, str):
+        if targets == "all-linear" or any(re.fullmatch(targets, m) for m in modules):
+            return []
+        return [f"{adapter.label}: target_modules {targets!r} matched no module with LoRA weights"]
+    missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    return [f"{adapter.label}: target module {t!r} in its config matched no LoRA weights" for t in missing]
+
+
+def _check_values(adapters: list[AdapterInput]) -> list[str]:
+    """NaN/Inf is an error; lora_B all zeros (no effect) is a warning."""
+    warnings: list[str] = []
+    for adapter in adapters:
+        zero_modules = 0
+        lora_count = 0
+        for targeted in adapter.edits:
+            edit = targeted.edit
+            for ref in edit.refs():
+                tensor = ref.load()
+                if not torch.isfinite(tensor).all():
+                    raise NonFiniteError(f"{ref.file}: tensor {ref.name!r} holds NaN or Inf; the adapter is broken")
+            if isinstance(edit, LoraDelta) and not isinstance(edit, DoraDelta):
+                lora_count += 1
+                if not edit.B.load().any():
+                    zero_modules += 1
+        if lora_count and zero_modules == lora_count:
+            warnings.append(f"{adapter.label}: every lora_B is all zeros, so the adapter changes nothing")
+        elif zero_modules:
+            warnings.append(
+                f"{adapter.label}: {zero_modules} of {lora_count} modules have lora_B all zeros (no effect)"
+            )
+    return warnings
