@@ -37,8 +37,11 @@ def human_bytes(n: float) -> str:
 
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("base", help="base model folder or .safetensors file")
-    p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapters, applied in this order")
+    from .sources.cli_args import SOURCES_HELP, add_source_args
+
+    p.add_argument("base", nargs="?", metavar="BASE", help=f"base model folder or .safetensors file, or {SOURCES_HELP}")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapters, applied in this order (same sources)")
+    add_source_args(p)
     p.add_argument("-o", "--output", required=True, help="output folder (created; must not exist or be empty)")
     p.add_argument("--weight", type=float, action="append", help="strength of each adapter, once per adapter")
     p.add_argument("--dtype", default="auto", help="auto (keep each tensor's dtype), bf16, fp16 or fp32")
@@ -49,15 +52,18 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--verify", action="store_true", help="run `lorafuse verify` on the output right after the merge")
 
 
 @command("merge")(_merge_args)
 def run_merge(args: argparse.Namespace) -> int:
     from .merge import merge
+    from .sources.cli_args import chosen_base_note, merge_source_kwargs, split_base
 
+    base, adapters = split_base(args)
     report = merge(
-        args.base,
-        args.adapters,
+        base,
+        adapters,
         args.output,
         weights=args.weight,
         dtype=args.dtype,
@@ -67,10 +73,23 @@ def run_merge(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         overwrite=args.overwrite,
         adapter_format=args.adapter_format,
+        **merge_source_kwargs(args),
     )
+    if chosen_base_note(report):
+        print(f"lorafuse: {chosen_base_note(report)}", file=sys.stderr)
+    # Local paths of what was merged (downloads, clones), for --verify.
+    args.base, args.adapters = report.base, [a["path"] for a in report.adapters]
+    verification = None
+    if args.verify and not report.dry_run:
+        from .verify_cli import verify_after_merge
+
+        verification = verify_after_merge(args)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-        return 0
+        data = report.to_dict()
+        if verification is not None:
+            data["verify"] = verification.to_dict()
+        print(json.dumps(data, indent=2))
+        return 0 if verification is None or verification.passed else _verify_failed(verification)
     verb = "would write" if report.dry_run else "wrote"
     print(
         f"{verb} {report.output}: {report.tensors_touched} of {report.tensors_total} tensors changed by "
@@ -80,9 +99,18 @@ def run_merge(args: argparse.Namespace) -> int:
     if report.dry_run:
         for name in report.files:
             print(f"  {name}")
-    for warning in report.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    if verification is not None:
+        from .verify import render
+
+        print(render(verification))
+        if not verification.passed:
+            return _verify_failed(verification)
     return 0
+
+
+def _verify_failed(verification) -> int:
+    print(f"lorafuse: error: {verification.failure_message()}", file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,11 +1,15 @@
 """The merge loop: read each base tensor, apply its edits in fp32, round once, hand it to a writer thread.
 
-Untouched tensors that keep their dtype are copied file-to-file by the kernel. Reading and math run on the
-calling thread while a writer thread drains a short queue, so reading, math and writing overlap.
+Untouched tensors that keep their dtype are copied file-to-file by the kernel. Tensors changed only by LoRA
+deltas take the fast path: read with ``preadv`` into a reused buffer, merged in fp32 row blocks of a few MB
+(``addmm_`` per block gives each element exactly the operations whole-tensor math would), rounded into a pooled
+output buffer that the writer thread writes and hands back. Other edits (DoRA, replacements, diffs) use
+whole-tensor math. Reading and math run on the calling thread while the writer drains a short queue.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Callable
@@ -14,12 +18,19 @@ from pathlib import Path
 
 import torch
 
-from .edits import DoraDelta
+from .edits import DoraDelta, LoraDelta
 from .errors import DtypeOverflowError, LorafuseError, NonFiniteError
+from .io.safetensors_file import TensorInfo, pread_into
 from .io.writer import SafetensorsShardWriter, Slot, layout_shards, shard_names, tensor_bytes
 from .plan import MergePlan, OutputTensor
 
 QUEUE_DEPTH = 4
+# fp32 scratch of one row block: small enough to stay in cache between the upcast, addmm_ and downcast.
+ROW_BLOCK_BYTES = 4 << 20
+# Fewer rows than this per block and the whole tensor is one block (a 1-row addmm_ may take a gemv path).
+MIN_BLOCK_ROWS = 16
+# Pooled output buffers above this size are used once and freed, so one huge tensor does not pin memory.
+POOL_MAX_BYTES = 256 << 20
 _FINITE_LIMIT = {torch.float16: torch.finfo(torch.float16).max, torch.bfloat16: torch.finfo(torch.bfloat16).max}
 
 
@@ -36,21 +47,44 @@ class WrittenModel:
 def compute_tensor(plan: MergePlan, out: OutputTensor, device: str = "cpu") -> torch.Tensor:
     """The output tensor ``out``: base tensor, edits applied in fp32, rounded once to the output dtype."""
     tensor = plan.base.get(out.source)
+    if out.dequant is not None:  # quantized base: stored tensor -> fp32 first (quantized.py)
+        tensor = out.dequant(plan.base, tensor)
     if not out.edits:
         if tensor.dtype != out.dtype:
             _check_range(out, tensor)
             tensor = tensor.to(out.dtype)
         return tensor
+    return _merge_whole(out, tensor, device).cpu()
+
+
+def _merge_whole(out: OutputTensor, tensor: torch.Tensor, device: str) -> torch.Tensor:
+    """Whole-tensor math on ``device``: fp32 copy, edits in order, one rounding to the output dtype, checked."""
     weight = tensor.to(device=device, dtype=torch.float32)
     del tensor
     needs_base = any(isinstance(e, DoraDelta) for e in out.edits) and len(out.edits) > 1
     base = weight.clone() if needs_base else weight
     for edit in out.edits:
         weight = edit.apply(weight, base)
-    if not torch.isfinite(weight).all():
+    rounded = weight.to(out.dtype)
+    _check_rounded(out, weight, rounded)
+    return rounded
+
+
+def _check_rounded(out: OutputTensor, exact: torch.Tensor, rounded: torch.Tensor) -> None:
+    """NaN/Inf in the fp32 result, or a value that rounds to Inf in the output dtype, is an error."""
+    if rounded.numel() == 0 or not rounded.is_floating_point():
+        return
+    # One reduction instead of an isfinite mask: NaN and Inf propagate into the sum. A finite tensor whose sum
+    # overflows only costs the exact check below.
+    if math.isfinite(rounded.sum(dtype=torch.float32).item()) or torch.isfinite(rounded).all():
+        return
+    if not torch.isfinite(exact).all():
         raise NonFiniteError(f"merged tensor {out.name!r} has NaN or Inf; check the adapters' weights and scales")
-    _check_range(out, weight)
-    return weight.to(out.dtype).cpu()
+    peak = exact.abs().max().item()
+    raise DtypeOverflowError(
+        f"tensor {out.name!r} reaches {peak:.4g}, beyond the {str(out.dtype).replace('torch.', '')} range; "
+        "use --dtype bf16 or fp32"
+    )
 
 
 def _check_range(out: OutputTensor, tensor: torch.Tensor) -> None:
@@ -63,6 +97,88 @@ def _check_range(out: OutputTensor, tensor: torch.Tensor) -> None:
             f"tensor {out.name!r} reaches {peak:.4g}, beyond the {str(out.dtype).replace('torch.', '')} range "
             f"({limit:.4g}); use --dtype bf16 or fp32"
         )
+
+
+def _lora_only(out: OutputTensor, info: TensorInfo) -> bool:
+    """True when the fast path applies: plain LoRA deltas on a float safetensors tensor with rows."""
+    return (
+        bool(out.edits)
+        and out.dequant is None
+        and info.offset >= 0
+        and info.dtype.is_floating_point
+        and len(info.shape) >= 2
+        and math.prod(info.shape) > 0
+        and all(type(e) is LoraDelta for e in out.edits)  # exact type: DoRA subclasses need whole rows of W0
+    )
+
+
+class _BufferPool:
+    """Byte buffers passed to the writer thread and back: fresh buffers per tensor cost page faults."""
+
+    def __init__(self, count: int):
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        for _ in range(count):
+            self._free.put(torch.empty(0, dtype=torch.uint8))
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        buf = self._free.get()  # blocks while the writer holds every buffer
+        if buf.numel() < nbytes:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
+
+    def release(self, buf: torch.Tensor) -> None:
+        self._free.put(buf if buf.numel() <= POOL_MAX_BYTES else torch.empty(0, dtype=torch.uint8))
+
+
+class _RowMerger:
+    """Merges LoRA-only tensors: pread into a reused input buffer, fp32 row blocks, rounded into ``dst``."""
+
+    def __init__(self, plan: MergePlan, device: str):
+        self.plan = plan
+        self.device = device
+        self._input = torch.empty(0, dtype=torch.uint8)
+        self._scratch = torch.empty(0, dtype=torch.float32)
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        if self._input.numel() < info.nbytes:
+            self._input = torch.empty(info.nbytes, dtype=torch.uint8)
+        raw = self._input[: info.nbytes]
+        pread_into(self.plan.base.fd(info.path), memoryview(raw.numpy()), info.offset, info.path)
+        return raw.view(info.dtype).view(info.shape)
+
+    def merge_into(self, out: OutputTensor, info: TensorInfo, dst: torch.Tensor) -> None:
+        """Write the merged tensor's bytes into ``dst`` (a uint8 buffer of at least ``out.nbytes``)."""
+        src = self._read(info)
+        target = dst[: out.nbytes].view(out.dtype).view(out.shape)
+        if self.device != "cpu":  # an accelerator takes the whole tensor at once
+            target.copy_(_merge_whole(out, src, self.device))
+            return
+        rows = info.shape[0]
+        cols = math.prod(info.shape) // rows
+        factors = []
+        for edit in out.edits:
+            assert isinstance(edit, LoraDelta)
+            a, b = edit.A.load(), edit.B.load()
+            a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+            # W (out, in) += s * B @ A; transposed W (in, out) += s * A.T @ B.T: both split by rows of W.
+            left, right = (a2.T, b2.T) if edit.layout == "transposed" else (b2, a2)
+            factors.append((left, right, edit.scale))
+        step = ROW_BLOCK_BYTES // (cols * 4)
+        if step < MIN_BLOCK_ROWS:
+            step = rows
+        blocks = -(-rows // step)
+        step = -(-rows // blocks)  # even blocks: no tiny last block
+        if self._scratch.numel() < step * cols:
+            self._scratch = torch.empty(step * cols, dtype=torch.float32)
+        src2, dst2 = src.view(rows, cols), target.view(rows, cols)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            block = self._scratch[: (stop - start) * cols].view(stop - start, cols)
+            block.copy_(src2[start:stop])
+            for left, right, scale in factors:
+                block.addmm_(left[start:stop], right, alpha=scale)
+            dst2[start:stop].copy_(block)
+            _check_rounded(out, block, dst2[start:stop])
 
 
 def _slots(plan: MergePlan) -> list[Slot]:
@@ -89,6 +205,9 @@ def write_safetensors(
     writer = SafetensorsShardWriter(folder, shards, names)
     by_name = {s.name: s for s in slots}
     jobs: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+    # Enough buffers for a full queue, one being written and one being filled: acquire never waits forever.
+    pool = _BufferPool(QUEUE_DEPTH + 2)
+    merger = _RowMerger(plan, device)
     failure: list[BaseException] = []
 
     def drain() -> None:
@@ -96,19 +215,24 @@ def write_safetensors(
             job = jobs.get()
             if job is None:
                 return
-            if failure:
-                continue
+            kind, slot, payload = job
             try:
-                kind, slot, payload = job
+                if failure:
+                    continue
                 if kind == "copy":
                     fd, offset = payload
                     writer.copy_range(slot, fd, offset)
+                elif kind == "pooled":
+                    writer.write_bytes(slot, memoryview(payload[: slot.nbytes].numpy()))
                 else:
                     writer.write_bytes(slot, tensor_bytes(payload))
                 if progress:
                     progress(slot.nbytes)
             except BaseException as exc:  # surfaced on the main thread
                 failure.append(exc)
+            finally:
+                if kind == "pooled":
+                    pool.release(payload)
 
     thread = threading.Thread(target=drain, name="lorafuse-writer", daemon=True)
     thread.start()
@@ -118,10 +242,21 @@ def write_safetensors(
                 break
             slot = by_name[out.name]
             info = plan.base.infos[out.source]
-            if not out.edits and out.dtype == info.dtype and info.offset >= 0:
+            if not out.edits and out.dequant is None and out.dtype == info.dtype and info.offset >= 0:
                 jobs.put(("copy", slot, (plan.base.fd(info.path), info.offset)))
+            elif _lora_only(out, info):
+                buf = pool.acquire(out.nbytes)
+                try:
+                    merger.merge_into(out, info, buf)
+                except BaseException:
+                    pool.release(buf)
+                    raise
+                jobs.put(("pooled", slot, buf))
             else:
                 jobs.put(("data", slot, compute_tensor(plan, out, device)))
+    except BaseException as exc:
+        failure.append(exc)  # the writer skips what is still queued
+        raise
     finally:
         jobs.put(None)
         thread.join()

@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from .io.extra_files import copy_extra_files, read_json, update_config
 from .io.output import AtomicOutput, check_output
 from .io.writer import parse_size, write_index
 from .plan import AdapterInput, MergePlan, build_plan
+from .sources import resolve_merge_inputs
 
 log = logging.getLogger("lorafuse")
 PROVENANCE_NAME = "lorafuse_merge.json"
@@ -47,6 +48,7 @@ class MergeReport:
     dry_run: bool = False
     seconds: float = 0.0
     lorafuse_version: str = __version__
+    sources: dict[str, Any] = field(default_factory=dict)  # where base and adapters came from (lorafuse.sources)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,7 +73,7 @@ def _planned_files(plan: MergePlan, prefix: str, max_shard: int, out_format: str
 
 
 def merge(
-    base: str | Path,
+    base: str | Path | None,
     adapters: Sequence[str | Path],
     output: str | Path,
     weights: Sequence[float] | None = None,
@@ -83,16 +85,28 @@ def merge(
     overwrite: bool = False,
     adapter_format: str | None = None,
     show_progress: bool | None = None,
+    *,
+    adapter_ref: str | Sequence[str | None] | None = None,
+    adapter_subfolder: str | Sequence[str | None] | None = None,
+    adapter_config: str | Path | Mapping[str, Any] | Sequence[Any] | None = None,
+    cache_dir: str | Path | None = None,
+    base_revision: str | None = None,
+    work_dir: str | Path | None = None,
+    default_hub: str = "hf",
 ) -> MergeReport:
     """Merge ``adapters`` (in order, each scaled by its weight) into ``base`` and write the result to ``output``.
 
     ``base`` is a model folder or a single ``.safetensors`` file; ``output`` a folder (or, for a single-file
     base, a ``.safetensors`` path). Nothing is written with ``dry_run``. Raises :class:`LorafuseError` subclasses
     with one-line messages on bad input.
+
+    ``base`` and each adapter may also be ``hf://ORG/NAME[@REV]``, ``ms://ORG/NAME[@REV]``, a bare ``ORG/NAME``
+    (``default_hub`` decides which hub) or a git URL; ``base=None`` takes the base named by the first adapter's
+    ``adapter_config.json``. ``adapter_ref``/``adapter_subfolder``/``adapter_config``, ``cache_dir``,
+    ``base_revision`` and ``work_dir`` are described in :func:`lorafuse.sources.resolve_merge_inputs`.
     """
     started = time.perf_counter()
-    base_path = Path(base)
-    adapter_paths = [Path(a) for a in adapters]
+    adapter_paths = list(adapters)  # local paths once the sources are resolved below
     if not adapter_paths:
         raise LorafuseError("no adapter given: pass at least one adapter")
     weights = list(weights) if weights is not None else [1.0] * len(adapter_paths)
@@ -109,6 +123,21 @@ def merge(
     max_shard = parse_size(max_shard_size)
     output_path = Path(output)
     if not dry_run:
+        check_output(output_path, overwrite, [])  # refuse a used output before downloading anything
+    sources = resolve_merge_inputs(
+        base,
+        adapters,
+        adapter_ref=adapter_ref,
+        adapter_subfolder=adapter_subfolder,
+        adapter_config=adapter_config,
+        cache_dir=cache_dir,
+        base_revision=base_revision,
+        work_dir=work_dir,
+        adapter_format=adapter_format,
+        default_hub=default_hub,
+    )
+    base_path, adapter_paths = sources.base, sources.adapters
+    if not dry_run:
         check_output(output_path, overwrite, [base_path, *adapter_paths])
 
     checkpoint, prefix, _index = open_model(base_path)
@@ -116,8 +145,11 @@ def merge(
     base_config = read_json(base_folder / "config.json") if base_folder else None
     inputs: list[AdapterInput] = []
     try:
-        for path, weight in zip(adapter_paths, weights):
-            inputs.append(read_adapter(path, label=str(path), fmt=adapter_format, weight=float(weight)))
+        base_shapes = {name: info.shape for name, info in checkpoint.infos.items()}
+        for path, weight, label in zip(adapter_paths, weights, sources.labels):
+            inputs.append(
+                read_adapter(path, label=label, fmt=adapter_format, weight=float(weight), base_shapes=base_shapes)
+            )
         plan = build_plan(checkpoint, inputs, out_dtype, base_config)
         for warning in plan.warnings:
             log.warning(warning)
@@ -138,6 +170,7 @@ def merge(
             warnings=list(plan.warnings),
             config_updates=dict(plan.config_updates),
             dry_run=dry_run,
+            sources=sources.provenance,
         )
         if dry_run:
             report.seconds = time.perf_counter() - started
@@ -157,6 +190,7 @@ def merge(
             show_progress,
         )
     finally:
+        sources.cleanup()
         checkpoint.close()
         for inp in inputs:
             for edit in inp.edits:

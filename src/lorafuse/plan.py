@@ -20,6 +20,7 @@ from .edits import DoraDelta, Edit, LoraDelta, TargetedEdit, with_strength
 from .errors import AdapterError, NonFiniteError, ShapeMismatchError
 from .io.checkpoint import Checkpoint
 from .keymatch import KeyMatcher
+from .quantized import BasePreparation, prepare_base
 
 log = logging.getLogger("lorafuse")
 
@@ -50,6 +51,7 @@ class OutputTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
     edits: list[Edit] = field(default_factory=list)
+    dequant: Any = None  # (checkpoint, stored tensor) -> fp32 tensor, for quantized bases (see quantized.py)
 
     @property
     def nbytes(self) -> int:
@@ -115,6 +117,8 @@ def build_plan(
     warnings: list[str] = []
     config_updates: dict[str, Any] = {}
     tied = _tied(base_config) and OUTPUT_EMBEDDING not in base
+    prep = prepare_base(base, base_config)  # refuses quantized bases it cannot dequantize, before any writing
+    config_updates.update(prep.config_updates)
 
     for adapter in adapters:
         for targeted in adapter.edits:
@@ -144,7 +148,7 @@ def build_plan(
                     f"{adapter.label}: {edit.source_key!r} does not fit base tensor {key!r}: {err}; "
                     "is this the base model the adapter was trained on?"
                 )
-            if not is_float(base.infos[source].dtype):
+            if not is_float(base.infos[source].dtype) and source not in prep.dequant:
                 raise AdapterError(
                     f"{adapter.label}: base tensor {key!r} is {base.infos[source].dtype} (quantized or integer); "
                     "merge into the unquantized base model instead, then quantize the merged model"
@@ -169,17 +173,28 @@ def build_plan(
 
     tensors: list[OutputTensor] = []
     for name, info in base.infos.items():
-        tensors.append(_output(name, name, info.dtype, info.shape, per_key.get(name, []), dtype))
+        if name in prep.dropped:
+            continue
+        tensors.append(_output(name, name, info.dtype, info.shape, per_key.get(name, []), dtype, prep))
         for new, source in extra.items():
             if source == name:
-                tensors.append(_output(new, source, info.dtype, info.shape, per_key.get(new, []), dtype))
+                tensors.append(_output(new, source, info.dtype, info.shape, per_key.get(new, []), dtype, prep))
     return MergePlan(base, tensors, warnings, config_updates)
 
 
 def _output(
-    name: str, source: str, src_dtype: torch.dtype, shape: tuple[int, ...], edits: list[Edit], dtype: torch.dtype | None
+    name: str,
+    source: str,
+    src_dtype: torch.dtype,
+    shape: tuple[int, ...],
+    edits: list[Edit],
+    dtype: torch.dtype | None,
+    prep: BasePreparation | None = None,
 ) -> OutputTensor:
     out_dtype = dtype if (dtype is not None and is_float(src_dtype)) else src_dtype
+    if prep is not None and source in prep.dequant:
+        deq_dtype = prep.output_dtype(source, dtype)
+        return OutputTensor(name, source, deq_dtype, tuple(shape), list(edits), prep.dequant[source])
     return OutputTensor(name, source, out_dtype, tuple(shape), list(edits))
 
 

@@ -25,7 +25,8 @@ PEFT_PREFIX = "base_model.model."
 # lora_A / lora_B (Linear, Conv) and lora_embedding_A/B, with an optional adapter name PEFT sometimes keeps.
 LORA_KEY_RE = re.compile(
     r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
-    r"(?:\.(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$"
+    # the adapter name is never "weight"/"bias": those are the parameter (lora_B.bias must not read as an adapter)
+    r"(?:\.(?!(?:weight|bias)$)(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$"
 )
 UNSUPPORTED_INIT = ("pissa", "olora", "corda", "loftq")
 UNSUPPORTED_FLAGS = (
@@ -171,10 +172,16 @@ def edits_from_state(
         match = LORA_KEY_RE.match(name)
         if match:
             slot = match["kind"] + (".bias" if match["param"] == "bias" else "")
-            groups.setdefault(match["module"], {})[slot] = key
+            group = groups.setdefault(match["module"], {})
+            if slot in group:  # e.g. two adapter names saved in one file: never pick one silently
+                raise AdapterError(f"{source}: {group[slot]!r} and {key!r} are the same LoRA tensor; keep one adapter")
+            group[slot] = key
             continue
         if "lora_" in name or "trainable_tokens" in name:
             raise AdapterError(f"{source}: tensor {key!r} is not a LoRA tensor lorafuse understands")
+        if ".original_module." in name:
+            # bias="all" also saves the untrained copy a modules_to_save wrapper keeps; PEFT's merge drops it.
+            continue
         # modules_to_save, trained biases and saved base layers: the stored tensor replaces the base one.
         target = name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
         edits.append(TargetedEdit(target, Replace(TensorRef(checkpoint, key), adapter=label, source_key=key)))

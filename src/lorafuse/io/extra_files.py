@@ -27,15 +27,24 @@ def copy_extra_files(base_folder: Path, dest: Path, weight_files: list[Path], sk
 
 
 def update_config(config_path: Path, updates: dict[str, Any]) -> None:
-    """Apply ``updates`` to config.json at the top level and in nested model configs that carry the same key."""
+    """Apply ``updates`` to config.json at the top level and in nested model configs that carry the same key.
+
+    A value of None removes the key (e.g. ``quantization_config`` after dequantizing).
+    """
     if not updates or not config_path.is_file():
         return
     config = json.loads(config_path.read_text())
     for key, value in updates.items():
-        config[key] = value
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
         for sub in config.values():
             if isinstance(sub, dict) and key in sub:
-                sub[key] = value
+                if value is None:
+                    sub.pop(key)
+                else:
+                    sub[key] = value
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

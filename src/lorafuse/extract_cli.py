@@ -1,0 +1,85 @@
+"""``lorafuse extract BASE TUNED -o OUT --rank R``: registers the sub-command with :mod:`lorafuse.cli`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .cli import command, human_bytes
+from .extract import EXTRACT_FORMATS, ExtractReport
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", help="base model folder or .safetensors/.pt file")
+    p.add_argument("tuned", help="fine-tuned model (same tensor names)")
+    p.add_argument("-o", "--output", required=True, help="adapter folder (peft) or file (diffusion, kohya)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (the cap with --energy; default 16)")
+    p.add_argument("--format", dest="fmt", choices=EXTRACT_FORMATS, default="peft", help="adapter format")
+    p.add_argument("--energy", type=float, default=None, help="dynamic rank: keep this fraction of each delta's energy")
+    p.add_argument("--exact-svd", action="store_true", help="full SVD instead of randomized SVD")
+    p.add_argument("--oversample", type=int, default=8, help="randomized SVD oversampling (default 8)")
+    p.add_argument("--power-iters", type=int, default=2, help="randomized SVD power iterations (default 2)")
+    p.add_argument("--min-params", type=int, default=1_000_000, help="smaller tensors are stored as full differences")
+    p.add_argument("--diff-only", action="store_true", help="store every changed tensor as a full difference (exact)")
+    p.add_argument("--dtype", default="auto", help="auto (factors in the model's dtype, diffs fp32), bf16, fp16, fp32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda for the SVDs")
+    p.add_argument("--base-name", default=None, help="base_model_name_or_path for adapter_config.json")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--show-tensors", type=int, default=5, help="list this many tensors with the largest error")
+
+
+def print_statistics(report: ExtractReport, show_tensors: int = 5, file=sys.stdout) -> None:
+    """The old extractor's counters, then the approximation error overall and for the worst tensors."""
+    print("Extraction statistics:", file=file)
+    print(f"  Processed weights: {report.processed}", file=file)
+    print(f"  Direct diff: {report.direct_diff}", file=file)
+    print(f"  LoRA decomposition: {report.lora}", file=file)
+    print(f"  Skipped weights: {report.skipped}", file=file)
+    print(f"  Similar weights: {report.similar}", file=file)
+    print(f"  Failed weights: {report.failed}", file=file)
+    if report.tied:
+        print(f"  Tied weights (stored once): {report.tied}", file=file)
+    print(f"  Tensors written: {report.tensors_written} ({human_bytes(report.adapter_bytes)})", file=file)
+    print(f"  Relative Frobenius error (overall): {report.rel_error:.3e}", file=file)
+    lossy = sorted((t for t in report.tensors if t.kind == "lora"), key=lambda t: -t.rel_error)[:show_tensors]
+    for t in lossy:
+        print(f"    {t.name}: rank {t.rank}, relative error {t.rel_error:.3e}", file=file)
+    for t in report.tensors:
+        if t.kind in ("failed", "skipped"):
+            print(f"  {t.kind}: {t.name} ({t.note})", file=file)
+
+
+@command("extract")(add_args)
+def run_extract(args: argparse.Namespace) -> int:
+    """Extract the difference between a tuned model and its base as a LoRA adapter."""
+    from .extract import extract
+
+    report = extract(
+        args.base,
+        args.tuned,
+        args.output,
+        rank=args.rank,
+        fmt=args.fmt,
+        energy=args.energy,
+        exact_svd=args.exact_svd,
+        device=args.device,
+        min_params=args.min_params,
+        diff_only=args.diff_only,
+        dtype=args.dtype,
+        oversample=args.oversample,
+        power_iters=args.power_iters,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        base_name=args.base_name,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    print(f"wrote {report.output} ({report.format}, rank {report.rank}) in {report.seconds:.1f} s")
+    print_statistics(report, args.show_tensors)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0

@@ -1,0 +1,374 @@
+"""``lorafuse inspect``: what an adapter or a model folder holds, read from headers and small tensors only.
+
+For an adapter (any format :func:`lorafuse.formats.read_adapter` reads): format, ranks, alphas, scalings,
+rsLoRA/DoRA, target modules, parameter count, the base model it names, and per module the Frobenius norm of its
+update ``||scale * B @ A||_F``, computed from the two r x r Gram matrices instead of the full product. For a
+model: architecture, dtypes, parameter count, shards, tied embeddings and quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .dtypes import dtype_short_name
+from .edits import BiasDelta, DoraDelta, Edit, FullDiff, LoraDelta, Replace
+from .errors import InputError, LorafuseError
+from .io.checkpoint import Checkpoint, open_model
+from .io.extra_files import read_json
+from .quantized import detect_quantization
+
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_EXTRAS = (
+    "peft_type",
+    "task_type",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "use_dora",
+    "fan_in_fan_out",
+    "target_modules",
+    "modules_to_save",
+    "rank_pattern",
+    "alpha_pattern",
+    "bias",
+    "lora_bias",
+    "layers_to_transform",
+    "init_lora_weights",
+)
+# Where non-PEFT formats name their base model (kohya / diffusers / modelspec safetensors metadata).
+BASE_METADATA_KEYS = (
+    "base_model_name_or_path",
+    "base_model",
+    "ss_sd_model_name",
+    "ss_base_model_version",
+    "modelspec.architecture",
+)
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
+
+
+def lora_delta_norm(edit: LoraDelta) -> float:
+    """``||scale * B @ A||_F`` without forming B @ A: sqrt(sum((B^T B) * (A A^T))) * |scale|, in fp64."""
+    b = edit.B.load().reshape(edit.B.shape[0], -1).double()
+    a = edit.A.load().reshape(edit.A.shape[0], -1).double()
+    # ||BA||_F^2 = trace(A^T B^T B A) = <B^T B, A A^T>; each Gram matrix is only r x r.
+    squared = float(((b.T @ b) * (a @ a.T)).sum())
+    return math.sqrt(max(squared, 0.0)) * abs(edit.scale)
+
+
+def _edit_kind(edit: Edit) -> str:
+    if isinstance(edit, DoraDelta):
+        return "dora"
+    if isinstance(edit, LoraDelta):
+        return "lora"
+    if isinstance(edit, FullDiff):
+        return "diff"
+    if isinstance(edit, Replace):
+        return "replace"
+    if isinstance(edit, BiasDelta):
+        return "bias"
+    return type(edit).__name__
+
+
+def _edit_row(target: str, edit: Edit, rslora: bool) -> dict[str, Any]:
+    """One module's row: kind, rank, scale, alpha, update shape, ||update||_F and whether it changes nothing."""
+    row: dict[str, Any] = {"target": target, "kind": _edit_kind(edit), "source_key": edit.source_key}
+    if isinstance(edit, LoraDelta):
+        rank = edit.rank
+        b_zero = not edit.B.load().any()
+        row.update(
+            rank=rank,
+            scale=edit.scale,
+            alpha=edit.scale * (math.sqrt(rank) if rslora else rank),
+            shape=list(edit.delta_shape()),
+            norm=0.0 if b_zero else lora_delta_norm(edit),
+        )
+        # DoRA still rescales rows through its magnitude vector even when lora_B is zero.
+        row["zero_effect"] = row["norm"] == 0.0 and not isinstance(edit, DoraDelta)
+    elif isinstance(edit, FullDiff):
+        d = edit.D.load()
+        row.update(shape=list(edit.D.shape), scale=edit.alpha, norm=float(d.double().norm()) * abs(edit.alpha))
+        row["zero_effect"] = row["norm"] == 0.0
+    elif isinstance(edit, BiasDelta):
+        b = edit.b.load()
+        row.update(shape=list(edit.b.shape), scale=edit.scale, norm=float(b.double().norm()) * abs(edit.scale))
+        row["zero_effect"] = row["norm"] == 0.0
+    elif isinstance(edit, Replace):
+        row.update(shape=list(edit.T.shape), norm=None, zero_effect=False)  # the change depends on the base
+    else:
+        row.update(norm=None, zero_effect=False)
+    return row
+
+
+def _checkpoints(edits: list[Any]) -> list[Checkpoint]:
+    seen: dict[int, Checkpoint] = {}
+    for targeted in edits:
+        for ref in targeted.edit.refs():
+            seen.setdefault(id(ref.checkpoint), ref.checkpoint)
+    return list(seen.values())
+
+
+def _distinct(values: list[float]) -> list[float]:
+    return sorted({round(v, 6) for v in values})
+
+
+def _own_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Stand-in base shapes from a single-file adapter's own LoRA pairs, so names resolve to themselves.
+
+    kohya names are resolved against a base model; without one, each module is its own target.
+    """
+    from .formats.single import adapter_file
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    with Checkpoint([adapter_file(path)]) as checkpoint:
+        infos = checkpoint.infos
+        for key, info in infos.items():
+            for down, up in ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight")):
+                if key.endswith(down) and key[: -len(down)] + up in infos:
+                    module = key[: -len(down)]
+                    shapes[module + ".weight"] = (infos[module + up].shape[0], *info.shape[1:])
+            if key.endswith((".diff", ".diff_b")):
+                shapes[key.rsplit(".", 1)[0] + (".weight" if key.endswith(".diff") else ".bias")] = info.shape
+    return shapes
+
+
+def _base_shapes(base: str | Path | None) -> dict[str, tuple[int, ...]] | None:
+    if base is None:
+        return None
+    checkpoint, _, _ = open_model(Path(base))
+    with checkpoint:
+        return {name: info.shape for name, info in checkpoint.infos.items()}
+
+
+def inspect_adapter(path: str | Path, fmt: str | None = None, base: str | Path | None = None) -> dict[str, Any]:
+    """A report on the adapter at ``path`` (see the module docstring); JSON-serialisable.
+
+    ``base`` (a model folder or file) resolves names for formats that need the base model (kohya); without it
+    such modules are listed under their own names.
+    """
+    from .formats import detect_format, read_adapter
+
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    shapes = _base_shapes(base)
+    if shapes is None and fmt not in ("peft",):
+        shapes = _own_shapes(path)
+    adapter = read_adapter(path, label=str(path), fmt=fmt, base_shapes=shapes)
+    peft_config = read_json(path / ADAPTER_CONFIG) if path.is_dir() else None
+    extras = {k: peft_config[k] for k in PEFT_EXTRAS if k in peft_config} if peft_config else {}
+    rslora = bool(extras.get("use_rslora", False))
+    checkpoints = _checkpoints(adapter.edits)
+    try:
+        rows = [_edit_row(t.target, t.edit, rslora) for t in adapter.edits]
+        parameters = sum(info.numel for ckpt in checkpoints for info in ckpt.infos.values())
+        metadata: dict[str, str] = {}
+        for ckpt in checkpoints:
+            metadata.update(ckpt.metadata)
+    finally:
+        for ckpt in checkpoints:
+            ckpt.close()
+    base_model = (peft_config or {}).get("base_model_name_or_path") or next(
+        (metadata[k] for k in BASE_METADATA_KEYS if metadata.get(k)), None
+    )
+    lora_rows = [r for r in rows if r["kind"] in ("lora", "dora")]
+    kinds = Counter(r["kind"] for r in rows)
+    return {
+        "kind": "adapter",
+        "path": str(path),
+        "format": adapter.fmt,
+        "files": [str(f) for f in adapter.files],
+        "base_model": base_model,
+        "ranks": sorted({r["rank"] for r in lora_rows}),
+        "alphas": _distinct([r["alpha"] for r in lora_rows]),
+        "scalings": _distinct([r["scale"] for r in lora_rows]),
+        "use_rslora": rslora,
+        "use_dora": bool(extras.get("use_dora", kinds.get("dora", 0) > 0)),
+        "target_modules": extras.get("target_modules", adapter.target_modules),
+        "modules_targeted": len({r["target"] for r in rows}),
+        "edit_kinds": dict(kinds),
+        "parameters": parameters,
+        "config": extras,
+        "modules": rows,
+        "zero_effect": [r["target"] for r in rows if r["zero_effect"]],
+    }
+
+
+def _weight_folder(path: Path) -> bool:
+    try:
+        open_model(path)[0].close()
+        return True
+    except LorafuseError:
+        return False
+
+
+def inspect_model(path: str | Path) -> dict[str, Any]:
+    """A report on the model folder or weight file at ``path``; JSON-serialisable."""
+    path = Path(path)
+    if path.is_dir() and not _weight_folder(path):
+        components = {p.name: inspect_model(p) for p in sorted(path.iterdir()) if p.is_dir() and _weight_folder(p)}
+        if components:  # a diffusers pipeline: one model per sub-folder
+            return {"kind": "pipeline", "path": str(path), "components": components}
+    checkpoint, _prefix, index = open_model(path)
+    try:
+        infos = checkpoint.infos
+        config = read_json(path / "config.json") if path.is_dir() else None
+        dtypes: dict[str, dict[str, int]] = {}
+        for info in infos.values():
+            entry = dtypes.setdefault(dtype_short_name(info.dtype), {"tensors": 0, "parameters": 0})
+            entry["tensors"] += 1
+            entry["parameters"] += info.numel
+        shards = []
+        for file in checkpoint.files:
+            shards.append(
+                {
+                    "file": file.name,
+                    "bytes": file.stat().st_size,
+                    "tensors": sum(1 for i in infos.values() if i.path == file),
+                }
+            )
+        quant = detect_quantization(config, list(infos))
+        tie_config = None
+        if config is not None:
+            tie_config = bool(config.get("tie_word_embeddings", True))
+        has_embedding = any(k.endswith(EMBEDDING_SUFFIXES) for k in infos)
+        lm_head = "lm_head.weight" in infos
+        return {
+            "kind": "model",
+            "path": str(path),
+            "architectures": (config or {}).get("architectures"),
+            "model_type": (config or {}).get("model_type"),
+            "config_dtype": (config or {}).get("dtype", (config or {}).get("torch_dtype")),
+            "dtypes": dtypes,
+            "parameters": sum(i.numel for i in infos.values()),
+            "tensors": len(infos),
+            "bytes": sum(s["bytes"] for s in shards),
+            "shards": shards,
+            "index": index.name if index else None,
+            # Tied: config says so (transformers' default is tied) and no separate head is stored.
+            "tied_embeddings": bool(tie_config) and has_embedding and not lm_head if config is not None else None,
+            "lm_head_stored": lm_head,
+            "quantization": quant.to_dict() if quant else None,
+        }
+    finally:
+        checkpoint.close()
+
+
+def is_adapter(path: Path) -> bool:
+    """True when ``path`` looks like an adapter rather than a model."""
+    from .formats import detect_format
+
+    if path.is_dir() and (path / ADAPTER_CONFIG).is_file():
+        return True
+    if path.is_dir() and ((path / "config.json").is_file() or (path / "model_index.json").is_file()):
+        return False
+    try:
+        detect_format(path)
+    except LorafuseError:
+        return False
+    return True
+
+
+def inspect_path(path: str | Path, fmt: str | None = None, base: str | Path | None = None) -> dict[str, Any]:
+    """Inspect an adapter (when ``fmt`` is given or the path looks like one) or a model."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist: pass an adapter or a model folder")
+    if fmt is not None or is_adapter(path):
+        return inspect_adapter(path, fmt, base)
+    return inspect_model(path)
+
+
+# ---- text rendering -------------------------------------------------------------------------------------------
+
+
+def _fmt_num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == 0:
+        return "0"
+    return f"{value:.4g}"
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or suffix == "T":
+            return f"{n:.0f}{suffix}{unit}" if suffix == "" else f"{n:.2f}{suffix}{unit}"
+        n /= 1000
+    return f"{n}{unit}"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return lines
+
+
+def render_adapter(report: dict[str, Any]) -> str:
+    lines = [
+        f"adapter      {report['path']}",
+        f"format       {report['format']}",
+        f"base model   {report['base_model'] or '(not named)'}",
+        f"rank         {', '.join(map(str, report['ranks'])) or '-'}",
+        f"alpha        {', '.join(_fmt_num(a) for a in report['alphas']) or '-'}",
+        f"scaling      {', '.join(_fmt_num(s) for s in report['scalings']) or '-'}",
+        f"rslora/dora  {report['use_rslora']}/{report['use_dora']}",
+        f"targets      {json.dumps(report['target_modules'])}",
+        f"parameters   {_human(report['parameters'])} ({report['parameters']})",
+        f"edits        {', '.join(f'{k}: {v}' for k, v in report['edit_kinds'].items())}",
+        "",
+    ]
+    rows = [
+        [
+            r["target"],
+            r["kind"],
+            str(r.get("rank", "-")),
+            _fmt_num(r.get("scale")),
+            _fmt_num(r["norm"]),
+            "zero effect" if r["zero_effect"] else "",
+        ]
+        for r in report["modules"]
+    ]
+    lines += _table(rows, ["target", "kind", "rank", "scale", "||dW||_F", ""])
+    if report["zero_effect"]:
+        lines += ["", f"{len(report['zero_effect'])} module(s) change nothing (lora_B or the difference is all zeros)"]
+    return "\n".join(lines)
+
+
+def render_model(report: dict[str, Any]) -> str:
+    if report["kind"] == "pipeline":
+        parts = [f"pipeline     {report['path']}"]
+        for name, comp in report["components"].items():
+            parts += ["", f"[{name}]", render_model(comp)]
+        return "\n".join(parts)
+    dtypes = ", ".join(f"{k} ({v['tensors']} tensors)" for k, v in report["dtypes"].items())
+    quant = report["quantization"]
+    if quant is None:
+        quant_line = "none"
+    else:
+        action = "dequantized on the fly when merging" if quant["dequantizable"] else "merging into it is refused"
+        quant_line = f"{quant['description']} ({action})"
+    lines = [
+        f"model        {report['path']}",
+        f"architecture {', '.join(report['architectures'] or []) or '-'} ({report['model_type'] or '-'})",
+        f"dtypes       {dtypes}" + (f"; config says {report['config_dtype']}" if report["config_dtype"] else ""),
+        f"parameters   {_human(report['parameters'])} ({report['parameters']}) in {report['tensors']} tensors",
+        f"size         {_human(report['bytes'], 'B')} in {len(report['shards'])} file(s)"
+        + (f" with index {report['index']}" if report["index"] else ""),
+        f"tied embed.  {report['tied_embeddings'] if report['tied_embeddings'] is not None else '- (no config.json)'}",
+        f"quantization {quant_line}",
+    ]
+    if len(report["shards"]) > 1:
+        lines += [""] + _table(
+            [[s["file"], _human(s["bytes"], "B"), str(s["tensors"])] for s in report["shards"]],
+            ["shard", "size", "tensors"],
+        )
+    return "\n".join(lines)
+
+
+def render(report: dict[str, Any]) -> str:
+    """The readable table for a report from :func:`inspect_path`."""
+    return render_adapter(report) if report["kind"] == "adapter" else render_model(report)

@@ -1,0 +1,76 @@
+"""``lorafuse verify MERGED --base BASE --adapter A [--adapter B ...] [--weight W ...] [--json]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .cli import command
+
+
+def add_verify_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``verify`` and ``merge --verify``."""
+    p.add_argument("--max-ulp", type=float, default=None, help="allowed error in ulps of the merged dtype (default 1)")
+    p.add_argument("--no-output-check", action="store_true", help="skip the transformers output-level check")
+    p.add_argument("--prompt", action="append", help="prompt for the output-level check (default: random token ids)")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("merged", help="the merged model folder or .safetensors file")
+    p.add_argument("--base", required=True, help="the base model the adapters were merged into")
+    p.add_argument("--adapter", action="append", required=True, help="an adapter, once per adapter, in merge order")
+    p.add_argument("--weight", type=float, action="append", help="each adapter's merge weight, once per adapter")
+    p.add_argument("--adapter-format", default=None, help="force the adapter format instead of detecting it")
+    p.add_argument("--device", default="cpu", help="cpu or cuda for the recomputation")
+    add_verify_options(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run_verification(
+    merged: str,
+    base: str,
+    adapters: list[str],
+    weights: list[float] | None,
+    args: argparse.Namespace,
+    as_json: bool,
+) -> int:
+    """Verify, print the report, and return the exit code (1 when beyond tolerance)."""
+    from .verify import DEFAULT_MAX_ULP, render, verify
+
+    report = verify(
+        merged,
+        base,
+        adapters,
+        weights=weights,
+        adapter_format=getattr(args, "adapter_format", None),
+        max_ulp=getattr(args, "max_ulp", None) or DEFAULT_MAX_ULP,
+        outputs=not getattr(args, "no_output_check", False),
+        prompts=getattr(args, "prompt", None),
+        device=getattr(args, "device", "cpu"),
+    )
+    print(json.dumps(report.to_dict(), indent=2) if as_json else render(report))
+    if not report.passed:
+        print(f"lorafuse: error: {report.failure_message()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+@command("verify")(add_args)
+def run_verify(args: argparse.Namespace) -> int:
+    """Check a merged model against base + adapters (weights, and outputs when transformers can load it)."""
+    return run_verification(args.merged, args.base, args.adapter, args.weight, args, args.json)
+
+
+def verify_after_merge(args: argparse.Namespace):
+    """``lorafuse merge --verify``: verify the merge just written, with the merge's own arguments."""
+    from .verify import verify
+
+    return verify(
+        args.output,
+        args.base,
+        args.adapters,
+        weights=args.weight,
+        adapter_format=args.adapter_format,
+        device=args.device,
+    )

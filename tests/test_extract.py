@@ -1,0 +1,234 @@
+"""``lorafuse extract``: round trips through ``lorafuse merge``, PEFT loading the extracted adapter, SVD quality."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import input_ids, load_model, make_peft_adapter, read_tensors
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+import lorafuse
+from lorafuse.cli import main
+from lorafuse.errors import LorafuseError
+from lorafuse.extract import extract, low_rank
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+def make_tuned(base: Path, dest: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """A copy of ``base`` whose tensors ``change`` edits in place."""
+    shutil.copytree(base, dest)
+    tensors = load_file(dest / "model.safetensors")
+    change(tensors)
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def noise(shape, seed: int, scale: float = 0.01) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def full_rank_change(tensors: dict[str, torch.Tensor]) -> None:
+    for i, name in enumerate(sorted(tensors)):
+        if name.endswith(("q_proj.weight", "down_proj.weight", "input_layernorm.weight")):
+            tensors[name] = tensors[name] + noise(tensors[name].shape, i)
+
+
+@pytest.mark.parametrize("fmt", ["peft", "diffusion", "kohya"])
+def test_diff_only_round_trip_is_bit_exact(llama_untied, tmp_path, fmt):
+    tuned = make_tuned(llama_untied, tmp_path / "tuned", full_rank_change)
+    out = tmp_path / ("adapter" if fmt == "peft" else "adapter.safetensors")
+    report = extract(llama_untied, tuned, out, fmt=fmt, diff_only=True)
+    assert (report.direct_diff, report.lora, report.failed) == (6, 0, 0)
+    assert report.rel_error == 0.0
+    lorafuse.merge(llama_untied, [out], tmp_path / "merged")
+    merged, want = read_tensors(tmp_path / "merged"), read_tensors(tuned)
+    assert merged.keys() == want.keys()
+    for name in want:
+        assert torch.equal(merged[name], want[name]), name
+
+
+def test_planted_low_rank_delta_round_trips_and_peft_loads_it(llama_untied, tmp_path):
+    adapter = make_peft_adapter(llama_untied, tmp_path / "lora", target_modules=["q_proj", "v_proj", "up_proj"], r=4)
+    lorafuse.merge(llama_untied, [adapter], tmp_path / "tuned")
+    report = extract(llama_untied, tmp_path / "tuned", tmp_path / "ex", rank=6, min_params=0)
+    assert (report.lora, report.direct_diff, report.similar) == (6, 0, 15)
+    assert report.rel_error < 1e-5
+    config = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
+    assert config["r"] == 6 and config["lora_alpha"] == 6
+    assert sorted(config["target_modules"]) == ["q_proj", "up_proj", "v_proj"]
+    assert config["base_model_name_or_path"] == str(llama_untied)
+    # Only what changed is stored: 6 modules x (A, B).
+    assert len(load_file(tmp_path / "ex" / "adapter_model.safetensors")) == 12
+
+    lorafuse.merge(llama_untied, [tmp_path / "ex"], tmp_path / "again")
+    merged, tuned = read_tensors(tmp_path / "again"), read_tensors(tmp_path / "tuned")
+    for name in tuned:
+        torch.testing.assert_close(merged[name], tuned[name], rtol=0, atol=1e-5)
+
+    ids = input_ids()
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(load_model(llama_untied), tmp_path / "ex")(ids).logits
+        tuned_logits = load_model(tmp_path / "tuned")(ids).logits
+    torch.testing.assert_close(peft_logits, tuned_logits, rtol=0, atol=1e-4)
+
+
+def test_truncated_extraction_logits_within_reported_error(qwen2, tmp_path):
+    """Full-rank changes at rank 2, changed norms (modules_to_save) and a changed q_proj bias.
+
+    down_proj has no bias, so PEFT could not merge a lora_bias: the q_proj with the changed bias is stored whole.
+    """
+
+    def change(tensors):
+        full_rank_change(tensors)
+        name = "model.layers.1.self_attn.q_proj.bias"
+        tensors[name] = tensors[name] + noise(tensors[name].shape, 99, 0.1)
+
+    tuned = make_tuned(qwen2, tmp_path / "tuned", change)
+    report = extract(qwen2, tuned, tmp_path / "ex", rank=2, min_params=0)
+    assert report.lora == 3 and report.direct_diff == 4  # 3 LoRAs; 2 norms, one bias and its q_proj weight
+    assert 0.05 < report.rel_error < 1  # a truncation really happened, and it is reported
+    config = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
+    assert config["lora_bias"] is False
+    assert config["modules_to_save"] == [
+        "model.layers.0.input_layernorm",
+        "model.layers.1.input_layernorm",
+        "model.layers.1.self_attn.q_proj",
+    ]
+
+    ids = input_ids()
+    with torch.no_grad():
+        base_logits = load_model(qwen2)(ids).logits
+        tuned_logits = load_model(tuned)(ids).logits
+        peft_logits = PeftModel.from_pretrained(load_model(qwen2), tmp_path / "ex")(ids).logits
+    lorafuse.merge(qwen2, [tmp_path / "ex"], tmp_path / "merged")
+    with torch.no_grad():
+        merged_logits = load_model(tmp_path / "merged")(ids).logits
+    torch.testing.assert_close(merged_logits, peft_logits, rtol=0, atol=1e-4)  # PEFT reads what we meant
+    change_norm = (tuned_logits - base_logits).norm()
+    miss = (peft_logits - tuned_logits).norm()
+    assert miss < 3 * report.rel_error * change_norm
+    # The same extraction at full rank (8 >= min(out, in) of every delta here... up to 32) is exact.
+    full = extract(qwen2, tuned, tmp_path / "full", rank=64, min_params=0)
+    assert full.rel_error < 1e-5
+    with torch.no_grad():
+        full_logits = PeftModel.from_pretrained(load_model(qwen2), tmp_path / "full")(ids).logits
+    torch.testing.assert_close(full_logits, tuned_logits, rtol=0, atol=1e-4)
+
+
+def test_dynamic_rank_by_energy_writes_rank_pattern(llama_untied, tmp_path):
+    g = torch.Generator().manual_seed(3)
+
+    def change(tensors):
+        for i, (name, rank) in enumerate(((Q, 1), ("model.layers.1.self_attn.q_proj.weight", 3))):
+            out, inp = tensors[name].shape
+            tensors[name] = tensors[name] + torch.randn(out, rank, generator=g) @ torch.randn(rank, inp, generator=g)
+            del i
+
+    tuned = make_tuned(llama_untied, tmp_path / "tuned", change)
+    report = extract(llama_untied, tuned, tmp_path / "ex", rank=8, energy=0.9999, min_params=0)
+    ranks = {t.name: t.rank for t in report.tensors if t.kind == "lora"}
+    assert ranks == {Q: 1, "model.layers.1.self_attn.q_proj.weight": 3}
+    config = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == config["alpha_pattern"]
+    assert {config["r"], *config["rank_pattern"].values()} == {1, 3}
+    ids = input_ids()
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(load_model(llama_untied), tmp_path / "ex")(ids).logits
+        tuned_logits = load_model(tuned)(ids).logits
+    torch.testing.assert_close(peft_logits, tuned_logits, rtol=0, atol=1e-4)
+
+
+def test_randomized_svd_is_within_one_percent_of_optimal():
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(300, 120, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(200, 120, generator=g))
+    spectrum = 1.0 / torch.arange(1, 121, dtype=torch.float32) ** 0.5  # slowly decaying: the hard case
+    matrix = (u * spectrum) @ v.T
+    optimal = spectrum[16:].square().sum().sqrt()
+    for exact in (False, True):
+        f = low_rank(matrix, 16, exact=exact, seed=1)
+        err = (matrix - f.up @ f.down).norm()
+        assert f.up.shape == (300, 16) and f.down.shape == (16, 200)
+        assert err <= 1.01 * optimal
+
+
+def test_unchanged_tied_and_mismatched_tensors(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(64, 16, generator=g)
+    base = {"model.embed_tokens.weight": emb, "lm_head.weight": emb.clone(), "x.weight": torch.randn(8, 8, generator=g)}
+    base["x.bias"] = torch.randn(8, generator=g)
+    base["y.weight"] = torch.randn(4, 4, generator=g)
+    tuned = {k: v.clone() for k, v in base.items()}
+    step = torch.randn(64, 16, generator=g)
+    tuned["model.embed_tokens.weight"] += step
+    tuned["lm_head.weight"] += step  # still tied
+    tuned["y.weight"] = torch.randn(4, 5, generator=g)
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    report = extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "d", fmt="diffusion")
+    assert report.output == str(tmp_path / "d.safetensors")
+    assert (report.direct_diff, report.tied, report.similar, report.skipped) == (1, 1, 2, 1)
+    assert list(load_file(tmp_path / "d.safetensors")) == ["diffusion_model.model.embed_tokens.diff"]
+    assert any("y.weight" in w for w in report.warnings)
+
+
+def test_conv_weights_extract_as_conv_lora(conv_net, tmp_path):
+    def change(tensors):
+        out, inp, kh, kw = tensors["conv1.weight"].shape
+        low = noise((out, 2), 5, 0.3) @ noise((2, inp * kh * kw), 6, 0.3)
+        tensors["conv1.weight"] = tensors["conv1.weight"] + low.reshape(out, inp, kh, kw)
+
+    tuned = make_tuned(conv_net, tmp_path / "tuned", change)
+    for fmt in ("peft", "kohya"):
+        out = tmp_path / f"ex-{fmt}"
+        report = extract(conv_net, tuned, out, rank=2, min_params=0, fmt=fmt)
+        assert report.lora == 1 and report.rel_error < 1e-5
+        lorafuse.merge(conv_net, [out if fmt == "peft" else out.with_suffix(".safetensors")], tmp_path / f"m-{fmt}")
+        merged, want = read_tensors(tmp_path / f"m-{fmt}"), read_tensors(tuned)
+        torch.testing.assert_close(merged["conv1.weight"], want["conv1.weight"], rtol=0, atol=1e-5)
+
+
+def test_cli_prints_statistics_and_refuses_existing_output(llama_untied, tmp_path, capsys):
+    tuned = make_tuned(llama_untied, tmp_path / "tuned", full_rank_change)
+    args = ["extract", str(llama_untied), str(tuned), "-o", str(tmp_path / "ex"), "--rank", "4", "--min-params", "0"]
+    assert main(args + ["--exact-svd"]) == 0
+    out = capsys.readouterr().out
+    for line in ("Processed weights: 6", "Direct diff: 2", "LoRA decomposition: 4", "Similar weights: 15"):
+        assert line in out
+    assert "Relative Frobenius error" in out
+    assert main(args) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["lora"] == 4 and len(data["tensors"]) == 21
+    with pytest.raises(LorafuseError, match="energy"):
+        extract(llama_untied, tuned, tmp_path / "e2", energy=1.5)
+
+
+def test_changed_bias_of_lora_layers_becomes_lora_bias(qwen2, tmp_path):
+    def change(tensors):
+        for i in range(2):
+            name = f"model.layers.{i}.self_attn.q_proj"
+            tensors[name + ".weight"] += noise(tensors[name + ".weight"].shape, i, 0.05)
+        tensors["model.layers.1.self_attn.q_proj.bias"] += noise((32,), 7, 0.1)
+
+    tuned = make_tuned(qwen2, tmp_path / "tuned", change)
+    report = extract(qwen2, tuned, tmp_path / "ex", rank=32, min_params=0)
+    assert (report.lora, report.direct_diff) == (2, 1) and report.rel_error < 1e-5
+    config = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
+    assert config["lora_bias"] is True and config["modules_to_save"] is None
+    ids = input_ids()
+    with torch.no_grad():
+        peft_model = PeftModel.from_pretrained(load_model(qwen2), tmp_path / "ex")
+        peft_logits = peft_model(ids).logits
+        merged_logits = peft_model.merge_and_unload()(ids).logits  # PEFT can merge it too
+        tuned_logits = load_model(tuned)(ids).logits
+    torch.testing.assert_close(peft_logits, tuned_logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(merged_logits, tuned_logits, rtol=0, atol=1e-4)

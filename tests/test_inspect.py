@@ -1,0 +1,178 @@
+"""``lorafuse inspect``: adapters of every format lorafuse reads, and model folders."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_llama, make_peft_adapter
+from safetensors.torch import load_file, save_file
+
+from lorafuse.cli import main
+from lorafuse.inspect import inspect_path, lora_delta_norm, render
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny"
+SCALE = 16 / 8  # the example adapter: lora_alpha 16, r 8
+
+
+def example_pairs() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module -> (A, B) of the shipped example adapter."""
+    state = load_file(EXAMPLE / "adapter" / "adapter_model.safetensors")
+    pairs = {}
+    for key, a in state.items():
+        if key.endswith("lora_A.weight"):
+            module = key[len("base_model.model.") : -len(".lora_A.weight")]
+            pairs[module] = (a, state[key.replace("lora_A", "lora_B")])
+    return pairs
+
+
+def full_norm(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
+    return float((b.double() @ a.double()).norm()) * scale
+
+
+def test_peft_adapter_report_and_norms():
+    report = inspect_path(EXAMPLE / "adapter")
+    assert report["kind"] == "adapter" and report["format"] == "peft"
+    assert report["ranks"] == [8] and report["alphas"] == [16.0] and report["scalings"] == [2.0]
+    assert report["base_model"] == "examples/tiny/base"
+    assert report["use_rslora"] is False and report["use_dora"] is False
+    assert report["parameters"] == sum(a.numel() + b.numel() for a, b in example_pairs().values())
+    assert report["zero_effect"] == []
+    rows = {r["target"]: r for r in report["modules"]}
+    assert len(rows) == 14
+    for module, (a, b) in example_pairs().items():
+        assert rows[module + ".weight"]["norm"] == pytest.approx(full_norm(a, b, SCALE), rel=1e-9)
+
+
+def test_gram_norm_matches_full_product_for_conv_shapes():
+    from lorafuse.edits import LoraDelta, TensorRef
+    from lorafuse.io.checkpoint import Checkpoint
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 6, 3, 3, generator=gen), torch.randn(5, 4, 1, 1, generator=gen)
+    path = Path(__import__("tempfile").mkdtemp()) / "conv.safetensors"
+    save_file({"a": a, "b": b}, path)
+    with Checkpoint([path]) as ckpt:
+        edit = LoraDelta(TensorRef(ckpt, "a"), TensorRef(ckpt, "b"), -0.5, "conv")
+        expected = float((b.reshape(5, 4).double() @ a.reshape(4, -1).double()).norm()) * 0.5
+        assert lora_delta_norm(edit) == pytest.approx(expected, rel=1e-12)
+    shutil.rmtree(path.parent)
+
+
+def test_zero_effect_modules_are_listed(tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(EXAMPLE / "adapter", adapter)
+    state = load_file(adapter / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    state[key] = torch.zeros_like(state[key])
+    save_file(state, adapter / "adapter_model.safetensors")
+    report = inspect_path(adapter)
+    assert report["zero_effect"] == ["model.layers.1.mlp.up_proj.weight"]
+    assert "1 module(s) change nothing" in render(report)
+
+
+def test_rslora_dora_rank_pattern(tmp_path):
+    base = make_llama(tmp_path, name="llama")
+    adapter = make_peft_adapter(
+        base,
+        tmp_path / "adapter",
+        target_modules=["q_proj", "v_proj"],
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        use_dora=True,
+        rank_pattern={"v_proj": 2},
+    )
+    report = inspect_path(adapter)
+    assert report["use_rslora"] is True and report["use_dora"] is True
+    assert report["ranks"] == [2, 4]
+    assert report["scalings"] == [round(8 / math.sqrt(4), 6), round(8 / math.sqrt(2), 6)]
+    assert report["alphas"] == [8.0]
+    assert report["edit_kinds"] == {"dora": 4}
+    assert report["config"]["rank_pattern"] == {"v_proj": 2}
+
+
+def _single_file_adapters(root: Path) -> dict[str, Path]:
+    """The example adapter re-saved as kohya, diffusion-layout and plain lora_A/lora_B files."""
+    kohya, diffusion, plain = {}, {}, {}
+    for module, (a, b) in example_pairs().items():
+        flat = "lora_te_" + module.replace(".", "_")
+        kohya |= {f"{flat}.lora_down.weight": a, f"{flat}.lora_up.weight": b, f"{flat}.alpha": torch.tensor(16.0)}
+        diffusion |= {
+            f"{module}.lora_down.weight": a,
+            f"{module}.lora_up.weight": b,
+            f"{module}.alpha": torch.tensor(16.0),
+        }
+        plain |= {f"{module}.lora_A.weight": a, f"{module}.lora_B.weight": b, f"{module}.alpha": torch.tensor(16.0)}
+    diffusion["model.norm.diff"] = torch.full((64,), 0.5)
+    paths = {}
+    for name, state in (("kohya", kohya), ("diffusion", diffusion), ("plain", plain)):
+        paths[name] = root / f"{name}.safetensors"
+        save_file(state, paths[name])
+    return paths
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusion", "plain"])
+def test_single_file_formats(tmp_path, fmt):
+    path = _single_file_adapters(tmp_path)[fmt]
+    report = inspect_path(path)
+    assert report["format"] == fmt
+    assert report["ranks"] == [8] and report["alphas"] == [16.0] and report["scalings"] == [2.0]
+    norms = sorted(r["norm"] for r in report["modules"] if r["kind"] == "lora")
+    expected = sorted(full_norm(a, b, SCALE) for a, b in example_pairs().values())
+    assert norms == pytest.approx(expected, rel=1e-9)
+    if fmt == "diffusion":
+        diff = next(r for r in report["modules"] if r["kind"] == "diff")
+        assert diff["target"] == "model.norm.weight" and diff["norm"] == pytest.approx(0.5 * 8)
+
+
+def test_kohya_names_resolve_against_a_base(tmp_path, capsys):
+    path = _single_file_adapters(tmp_path)["kohya"]
+    assert main(["inspect", str(path), "--base", str(EXAMPLE / "base"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {r["target"] for r in report["modules"]} == {m + ".weight" for m in example_pairs()}
+
+
+def test_model_report(tmp_path):
+    report = inspect_path(EXAMPLE / "base")
+    assert report["kind"] == "model"
+    assert report["architectures"] == ["Qwen3ForCausalLM"] and report["model_type"] == "qwen3"
+    assert report["dtypes"] == {"bfloat16": {"tensors": 24, "parameters": report["parameters"]}}
+    state = load_file(EXAMPLE / "base" / "model.safetensors")
+    assert report["parameters"] == sum(t.numel() for t in state.values())
+    assert report["tied_embeddings"] is True and report["lm_head_stored"] is False
+    assert report["quantization"] is None and len(report["shards"]) == 1
+
+
+def test_sharded_untied_model_and_pipeline(tmp_path, capsys):
+    model = make_llama(tmp_path / "pipe", name="transformer")
+    state = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    names = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": names[:10], "model-00002-of-00002.safetensors": names[10:]}
+    for file, keys in halves.items():
+        save_file({k: state[k] for k in keys}, model / file)
+    weight_map = {k: file for file, keys in halves.items() for k in keys}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copytree(EXAMPLE / "base", tmp_path / "pipe" / "text_encoder")
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    report = inspect_path(model)
+    assert len(report["shards"]) > 1 and report["index"] == "model.safetensors.index.json"
+    assert sum(s["tensors"] for s in report["shards"]) == report["tensors"]
+    assert report["tied_embeddings"] is False and report["lm_head_stored"] is True
+    assert main(["inspect", str(tmp_path / "pipe")]) == 0
+    text = capsys.readouterr().out
+    assert "[text_encoder]" in text and "[transformer]" in text and "Qwen3ForCausalLM" in text
+
+
+def test_cli_table_and_json(capsys):
+    assert main(["inspect", str(EXAMPLE / "adapter")]) == 0
+    text = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj.weight" in text and "||dW||_F" in text
+    assert main(["inspect", str(EXAMPLE / "base"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_type"] == "qwen3"
+    assert main(["inspect", str(EXAMPLE / "missing")]) == 1
