@@ -4,7 +4,8 @@ Builds once (cached under bench/.cache/) a random bf16 model shaped like Qwen3-1
 an index) and a rank-16 all-linear PEFT adapter, both written directly with safetensors (no model is
 instantiated). Then runs, alternating, `cp -r` of the base folder, `lorafuse merge` (the CLI, as a subprocess)
 and PEFT (`from_pretrained` + `merge_and_unload` + `save_pretrained`, as a subprocess), and prints every time as
-a ratio to the `cp -r` time of the same repetition, with each command's peak RSS (measured by a tiny wrapper around that command alone).
+a ratio to the `cp -r` time of the same repetition, with each command's peak RSS and CPU time (measured by a
+tiny wrapper around that command alone).
 
 Everything runs with a warm page cache: the base and adapter are read once before timing, and dirty pages of
 the previous output are synced (outside the timing) before each command, so each command starts from the same
@@ -180,20 +181,22 @@ def warm(paths: list[Path]) -> None:
 WRAPPER = """
 import resource, subprocess, sys
 code = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL)
-print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
 sys.exit(code)
 """
 
 
-def run_measured(cmd: list[str]) -> tuple[float, int]:
-    """Run ``cmd``; (wall seconds, peak RSS in bytes of the command alone)."""
+def run_measured(cmd: list[str]) -> tuple[float, int, float]:
+    """Run ``cmd``; (wall seconds, peak RSS in bytes, CPU seconds) of the command alone."""
     os.sync()  # flush the previous output's dirty pages outside the timing
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-S", "-c", WRAPPER, *cmd], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run([sys.executable, "-S", "-c", WRAPPER, *cmd], stdout=subprocess.PIPE, text=True, check=False)
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    return elapsed, int(proc.stdout.split()[-1]) * 1024  # Linux reports KiB
+    cpu, rss = proc.stdout.split()[-2:]
+    return elapsed, int(rss) * 1024, float(cpu)  # Linux reports ru_maxrss in KiB
 
 
 def main() -> None:
@@ -216,22 +219,25 @@ def main() -> None:
     print(f"base {size / 1e9:.2f} GB ({LAYERS * args.scale} layers), adapter rank {RANK}, {args.repeat} repetitions")
     warm([base, adapter])
 
-    results: dict[str, list[tuple[float, int]]] = {name: [] for name in commands}
+    results: dict[str, list[tuple[float, int, float]]] = {name: [] for name in commands}
     for rep in range(args.repeat):
         for name, cmd in commands.items():
             shutil.rmtree(out, ignore_errors=True)
             results[name].append(run_measured(cmd))
-            seconds, rss = results[name][-1]
-            print(f"  rep {rep + 1} {name:9s} {seconds:7.2f} s  peak RSS {rss / 2**20:7.0f} MiB", flush=True)
+            seconds, rss, cpu = results[name][-1]
+            print(f"  rep {rep + 1} {name:9s} {seconds:7.2f} s  cpu {cpu:6.2f} s  peak RSS {rss / 2**20:6.0f} MiB")
     shutil.rmtree(out, ignore_errors=True)
 
-    floor = [t for t, _ in results["cp -r"]]
-    print(f"\n{'command':10s} {'x cp -r (median)':>17s} {'per repetition':>30s} {'peak RSS':>10s}")
+    floor = [t for t, _, _ in results["cp -r"]]
+    load = os.getloadavg()[0]
+    print(f"\nratios to `cp -r` of the same repetition (1-min load average at the end: {load:.1f})")
+    print(f"{'command':10s} {'median':>7s} {'per repetition':>24s} {'peak RSS':>10s} {'cpu s (median)':>15s}")
     for name, runs in results.items():
-        ratios = [t / f for (t, _), f in zip(runs, floor)]
+        ratios = [t / f for (t, _, _), f in zip(runs, floor)]
         per = " ".join(f"{r:.2f}" for r in ratios)
-        peak = max(r for _, r in runs)
-        print(f"{name:10s} {statistics.median(ratios):17.2f} {per:>30s} {peak / 2**20:6.0f} MiB")
+        peak = max(r for _, r, _ in runs)
+        cpu = statistics.median(c for _, _, c in runs)
+        print(f"{name:10s} {statistics.median(ratios):7.2f} {per:>24s} {peak / 2**20:6.0f} MiB {cpu:15.2f}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def toy_batch(generator: torch.Generator, batch: int = 32, length: int = 12) -> 
     return ids, (ids + 1) % VOCAB
 
 
-def main(workdir: Path, steps: int = 150) -> dict[str, float]:
+def main(workdir: Path, steps: int = 40) -> dict[str, float]:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -40,8 +40,13 @@ def main(workdir: Path, steps: int = 150) -> dict[str, float]:
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(workdir / "base")  # the base model as a user would have it on disk
 
-    wrapped = inject_lora(model, target_modules=["q_proj", "v_proj", "up_proj", "down_proj", "lm_head"], rank=8, alpha=16)
-    print(f"wrapped {len(wrapped)} layers; trainable parameters:", sum(p.numel() for p in model.parameters() if p.requires_grad))
+    wrapped = inject_lora(
+        model, target_modules=["q_proj", "v_proj", "up_proj", "down_proj", "lm_head"], rank=8, alpha=16
+    )
+    print(
+        f"wrapped {len(wrapped)} layers; trainable parameters:",
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
 
     generator = torch.Generator().manual_seed(0)
     test_ids, test_labels = toy_batch(torch.Generator().manual_seed(1))
@@ -74,7 +79,7 @@ def main(workdir: Path, steps: int = 150) -> dict[str, float]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", nargs="?", help="folder for base/, adapter/ and merged/ (default: a temporary one)")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     if args.workdir:
         main(Path(args.workdir), args.steps)

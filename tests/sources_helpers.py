@@ -114,7 +114,9 @@ def make_pointer_repo(root: Path) -> str:
     pointer = lfs_pointer_text((ADAPTER / "adapter_model.safetensors").read_bytes())
     (work / "adapter_model.safetensors").write_text(pointer)
     # -c filter.lfs.clean= : store the pointer text as it is even where git-lfs is configured globally.
-    git("-c", "filter.lfs.clean=", "-c", "filter.lfs.process=", "-c", "filter.lfs.required=false", "add", "-A", cwd=work)
+    git(
+        "-c", "filter.lfs.clean=", "-c", "filter.lfs.process=", "-c", "filter.lfs.required=false", "add", "-A", cwd=work
+    )
     git("commit", "-q", "-m", "pointer only", cwd=work)
     git("-c", "lfs.allowincompletepush=true", "push", "-q", "--no-verify", bare.as_uri(), "main", cwd=work)
     return bare.as_uri()
@@ -157,3 +159,24 @@ def write_config(folder: Path, **changes) -> Path:
     config.update(changes)
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
+
+
+def fake_modelscope(cache_root, calls, with_patterns=True):
+    """snapshot_download as ModelScope lays out its cache (<cache_dir>/<org>/<name>), serving the tiny example."""
+    served = {"org/tiny-base": BASE, "org/tiny-adapter": ADAPTER}
+
+    def download(model_id, revision=None, cache_dir=None, allow_patterns=None, ignore_patterns=None):
+        calls.append({"model_id": model_id, "revision": revision, "cache_dir": cache_dir, "allow": allow_patterns})
+        if model_id not in served:
+            raise ValueError(f"The model: {model_id} not exists\nmore detail")
+        dest = (cache_dir or cache_root) + "/" + model_id
+        shutil.copytree(served[model_id], dest, dirs_exist_ok=True)
+        return dest
+
+    if with_patterns:
+        return download
+
+    def old_download(model_id, revision=None, cache_dir=None):
+        return download(model_id, revision=revision, cache_dir=cache_dir)
+
+    return old_download

@@ -48,19 +48,18 @@ def test_peft_adapter_report_and_norms():
         assert rows[module + ".weight"]["norm"] == pytest.approx(full_norm(a, b, SCALE), rel=1e-9)
 
 
-def test_gram_norm_matches_full_product_for_conv_shapes():
+def test_gram_norm_matches_full_product_for_conv_shapes(tmp_path):
     from lorafuse.edits import LoraDelta, TensorRef
     from lorafuse.io.checkpoint import Checkpoint
 
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(4, 6, 3, 3, generator=gen), torch.randn(5, 4, 1, 1, generator=gen)
-    path = Path(__import__("tempfile").mkdtemp()) / "conv.safetensors"
+    path = tmp_path / "conv.safetensors"
     save_file({"a": a, "b": b}, path)
     with Checkpoint([path]) as ckpt:
         edit = LoraDelta(TensorRef(ckpt, "a"), TensorRef(ckpt, "b"), -0.5, "conv")
         expected = float((b.reshape(5, 4).double() @ a.reshape(4, -1).double()).norm()) * 0.5
         assert lora_delta_norm(edit) == pytest.approx(expected, rel=1e-12)
-    shutil.rmtree(path.parent)
 
 
 def test_zero_effect_modules_are_listed(tmp_path):

@@ -177,7 +177,31 @@ def _fp16_overflow_after_merge(tmp, base, adapter):
     return base, [strong], ["--dtype", "fp16"], ["model.layers.0.self_attn.v_proj.weight", "float16"]
 
 
+def _missing_lora_b(tmp, base, adapter):
+    bad = _copy(adapter, tmp / "bad")
+    _edit_adapter_tensors(bad, lambda t: t.pop("base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"))
+    return base, [bad], [], [ADAPTER_FILE, "model.layers.1.self_attn.q_proj", "lora_B"]
+
+
+def _missing_base(tmp, base, adapter):
+    return tmp / "no-such-model", [adapter], [], [str(tmp / "no-such-model"), "does not exist"]
+
+
+def _missing_adapter(tmp, base, adapter):
+    return base, [tmp / "no-such-adapter"], [], [str(tmp / "no-such-adapter"), "does not exist"]
+
+
+def _corrupt_adapter_config(tmp, base, adapter):
+    bad = _copy(adapter, tmp / "bad")
+    (bad / "adapter_config.json").write_text("{not json")
+    return base, [bad], [], [str(bad / "adapter_config.json"), "JSON"]
+
+
 ERROR_CASES = {
+    "missing-lora-b": _missing_lora_b,
+    "base-does-not-exist": _missing_base,
+    "adapter-does-not-exist": _missing_adapter,
+    "adapter-config-not-json": _corrupt_adapter_config,
     "wrong-base-model": _wrong_base,
     "target-missing-from-base": _missing_target,
     "nan-in-adapter": _nan,

@@ -311,3 +311,36 @@ def test_cli_weights_match_api(llama_untied, adapter, tmp_path, capsys):
     lorafuse.merge(llama_untied, [adapter, second], tmp_path / "plain")
     key = "model.layers.0.self_attn.o_proj.weight"
     assert not torch.equal(read_tensors(cli_out)[key], read_tensors(tmp_path / "plain")[key])
+
+
+@pytest.mark.parametrize("out_format", ["safetensors", "bin"])
+def test_other_weight_copies_in_base_are_not_carried_over(out_format, llama_untied, adapter, reference, tmp_path):
+    """A base with both model.safetensors and pytorch_model.bin (and a consolidated.safetensors): only the merged
+    weights reach the output, never a stale unmerged copy (with --format bin it would replace the merged file)."""
+    base = shutil.copytree(llama_untied, tmp_path / "base")
+    torch.save(read_tensors(llama_untied), base / "pytorch_model.bin")
+    shutil.copy(base / "model.safetensors", base / "consolidated.safetensors")
+    (base / "tokenizer.model").write_bytes(b"\x00sentencepiece")
+    out = tmp_path / "merged"
+    report = lorafuse.merge(base, [adapter], out, out_format=out_format)
+    names = sorted(p.name for p in out.iterdir())
+    weights = ["model.safetensors"] if out_format == "safetensors" else ["pytorch_model.bin"]
+    assert names == sorted(
+        [*weights, "config.json", "generation_config.json", "lorafuse_merge.json", "tokenizer.model"]
+    )
+    assert "pytorch_model.bin" not in report.copied_files and "consolidated.safetensors" not in report.copied_files
+    if out_format == "bin":
+        _assert_same_tensors(torch.load(out / "pytorch_model.bin", weights_only=True), reference)
+    else:
+        _assert_same_tensors(read_tensors(out), reference)
+
+
+@pytest.mark.parametrize("out_format", ["safetensors", "bin"])
+def test_dry_run_lists_the_files_a_real_run_writes(out_format, llama_untied, adapter, tmp_path):
+    out = tmp_path / "merged"
+    planned = lorafuse.merge(llama_untied, [adapter], out, out_format=out_format, max_shard_size="20KB", dry_run=True)
+    assert not out.exists()
+    written = lorafuse.merge(llama_untied, [adapter], out, out_format=out_format, max_shard_size="20KB")
+    assert planned.files == written.files
+    assert set(written.files) <= {p.name for p in out.iterdir()}
+    assert any(name.endswith(".index.json") for name in written.files)

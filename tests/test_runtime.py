@@ -18,6 +18,7 @@ from helpers import (
     read_tensors,
 )
 from peft import PeftModel
+from safetensors.torch import save_file
 
 import lorafuse
 from lorafuse.errors import AdapterError, ShapeMismatchError
@@ -225,7 +226,7 @@ def _train_a_little(model) -> None:
     """Stand-in for training: move every LoRA tensor off its initial value."""
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(0.1 * torch.randn(param.shape, generator=gen))
 
@@ -284,3 +285,38 @@ def test_training_example_runs(tmp_path):
     result = module.main(tmp_path, steps=25)
     assert result["end_loss"] < result["start_loss"] / 2
     assert result["difference"] < 1e-4
+
+
+class _AttentionNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x)[0])
+
+
+def test_layers_called_by_weight_get_an_edited_copy(tmp_path):
+    # nn.MultiheadAttention never calls out_proj's forward, so a wrapper there would do nothing.
+    torch.manual_seed(0)
+    net = _AttentionNet().eval()
+    A, B = torch.randn(2, 8), torch.randn(8, 2)
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4}')
+    save_file(
+        {"base_model.model.attn.out_proj.lora_A.weight": A, "base_model.model.attn.out_proj.lora_B.weight": B},
+        folder / "adapter_model.safetensors",
+    )
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    expected = _AttentionNet().eval()
+    expected.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        expected.attn.out_proj.weight.add_(2.0 * B @ A)
+        base = net(x)
+        apply_adapter(net, folder)
+        assert not isinstance(net.attn.out_proj, LoraModule)
+        assert_close(net(x), expected(x))
+        remove_adapter(net)
+        assert torch.equal(net(x), base)

@@ -19,8 +19,8 @@ from sources_helpers import (
 
 import lorafuse
 from lorafuse.errors import SourceError
-from lorafuse.sources import resolve_adapter, resolve_model
 from lorafuse.sources import git as git_source
+from lorafuse.sources import resolve_adapter, resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +53,10 @@ def test_git_adapter_at_ref_merges_like_the_local_copy(repos, tmp_path, ref, sub
     assert merged_bytes(tmp_path / "out") == repos[expect]
     info = report.sources["adapters"][0]
     assert info["kind"] == "git"
-    assert info["commit"] == {"ref_orig": repos["nested"] if subfolder else repos["v1"], "ref_scaled": repos["main"]}[
-        expect
-    ]
+    assert (
+        info["commit"]
+        == {"ref_orig": repos["nested"] if subfolder else repos["v1"], "ref_scaled": repos["main"]}[expect]
+    )
     assert (tmp_path / "w" / "adapter_repo" / ".git").is_dir()
 
 

@@ -180,3 +180,23 @@ def test_kohya_merge_verifies(tmp_path):
     assert report.passed and report.tensors_touched == 14, report.failures
     assert report.output.ran and report.output.method == "runtime LoRA"
     assert not verify(out, BASE, [path], weights=[0.5], outputs=False).passed
+
+
+def test_prompts_and_max_ulp_flag(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = tmp_path / "base"
+    shutil.copytree(BASE, base)
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "</s>", "hello", "world", "the", "cat", "sat"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>").save_pretrained(base)
+    out = tmp_path / "merged"
+    lorafuse.merge(base, [ADAPTER], out)
+    report = verify(out, base, [ADAPTER], prompts=["hello world", "the cat sat hello"])
+    assert report.passed and report.output.tokens == 6  # padding is not compared
+    common = ["verify", str(out), "--base", str(base), "--adapter", str(ADAPTER), "--no-output-check"]
+    assert main([*common, "--max-ulp", "0"]) == 1  # a bf16 merge is 0.5 ulp from the exact value
+    assert "ulp" in capsys.readouterr().err
+    assert main([*common, "--max-ulp", "0.5"]) == 0

@@ -282,7 +282,7 @@ def extract(
                 else:
                     report.adapter_bytes = spool.nbytes
                     report.tensors_written = len(spool)
-                    spool.finish(out.tmp)
+                    spool.finish(out.tmp, pickle=output_path.suffix in (".pt", ".pth"))
                     report.files = [output_path.name]
             finally:
                 spool.close()
@@ -316,8 +316,9 @@ class _Settings:
 
 
 def _provenance(report: ExtractReport) -> dict[str, Any]:
+    """The report, with unchanged tensors left out of the per-tensor list."""
     data = report.to_dict()
-    data.pop("tensors")
+    data["tensors"] = [t for t in data["tensors"] if t["kind"] != "similar"]
     return data
 
 

@@ -31,8 +31,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show-tensors", type=int, default=5, help="list this many tensors with the largest error")
 
 
-def print_statistics(report: ExtractReport, show_tensors: int = 5, file=sys.stdout) -> None:
+def print_statistics(report: ExtractReport, show_tensors: int = 5, file=None) -> None:
     """The old extractor's counters, then the approximation error overall and for the worst tensors."""
+    file = file or sys.stdout
     print("Extraction statistics:", file=file)
     print(f"  Processed weights: {report.processed}", file=file)
     print(f"  Direct diff: {report.direct_diff}", file=file)

@@ -14,6 +14,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .dtypes import dtype_short_name
 from .edits import BiasDelta, DoraDelta, Edit, FullDiff, LoraDelta, Replace
 from .errors import InputError, LorafuseError
@@ -50,9 +52,12 @@ BASE_METADATA_KEYS = (
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
 
 
-def lora_delta_norm(edit: LoraDelta) -> float:
-    """``||scale * B @ A||_F`` without forming B @ A: sqrt(sum((B^T B) * (A A^T))) * |scale|, in fp64."""
-    b = edit.B.load().reshape(edit.B.shape[0], -1).double()
+def lora_delta_norm(edit: LoraDelta, b: torch.Tensor | None = None) -> float:
+    """``||scale * B @ A||_F`` without forming B @ A: sqrt(sum((B^T B) * (A A^T))) * |scale|, in fp64.
+
+    ``b`` is lora_B when the caller has loaded it already.
+    """
+    b = (edit.B.load() if b is None else b).reshape(edit.B.shape[0], -1).double()
     a = edit.A.load().reshape(edit.A.shape[0], -1).double()
     # ||BA||_F^2 = trace(A^T B^T B A) = <B^T B, A A^T>; each Gram matrix is only r x r.
     squared = float(((b.T @ b) * (a @ a.T)).sum())
@@ -78,13 +83,13 @@ def _edit_row(target: str, edit: Edit, rslora: bool) -> dict[str, Any]:
     row: dict[str, Any] = {"target": target, "kind": _edit_kind(edit), "source_key": edit.source_key}
     if isinstance(edit, LoraDelta):
         rank = edit.rank
-        b_zero = not edit.B.load().any()
+        b = edit.B.load()
         row.update(
             rank=rank,
             scale=edit.scale,
             alpha=edit.scale * (math.sqrt(rank) if rslora else rank),
             shape=list(edit.delta_shape()),
-            norm=0.0 if b_zero else lora_delta_norm(edit),
+            norm=lora_delta_norm(edit, b) if b.any() else 0.0,
         )
         # DoRA still rescales rows through its magnitude vector even when lora_B is zero.
         row["zero_effect"] = row["norm"] == 0.0 and not isinstance(edit, DoraDelta)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .dtypes import dtype_short_name, parse_dtype
-from .engine import write_bin, write_safetensors
+from .engine import one_math_thread, write_bin, write_safetensors
 from .errors import LorafuseError
 from .formats import read_adapter
 from .io.checkpoint import open_model
@@ -68,10 +68,13 @@ def _planned_files(plan: MergePlan, prefix: str, max_shard: int, out_format: str
     slots = [Slot(t.name, t.dtype, t.shape, t.nbytes) for t in plan.tensors]
     count = len(layout_shards(slots, max_shard))
     if out_format == "bin":
-        return shard_names("pytorch_model" if prefix == "model" else prefix, count, ".bin")
-    return shard_names(prefix, count, ".safetensors")
+        prefix = "pytorch_model" if prefix == "model" else prefix
+    suffix = ".bin" if out_format == "bin" else ".safetensors"
+    # the same list a real run reports: shards, then their index when there are several
+    return shard_names(prefix, count, suffix) + ([f"{prefix}{suffix}.index.json"] if count > 1 else [])
 
 
+@one_math_thread()  # plan checks and math are many small ops (see engine.one_math_thread)
 def merge(
     base: str | Path | None,
     adapters: Sequence[str | Path],
@@ -123,7 +126,8 @@ def merge(
     max_shard = parse_size(max_shard_size)
     output_path = Path(output)
     if not dry_run:
-        check_output(output_path, overwrite, [])  # refuse a used output before downloading anything
+        # Refuse a used output before downloading or cloning anything.
+        check_output(output_path, overwrite, [Path(p) for p in (base, *adapters) if p is not None and Path(p).exists()])
     sources = resolve_merge_inputs(
         base,
         adapters,

@@ -156,15 +156,17 @@ def build_plan(
             per_key.setdefault(key, []).append(with_strength(edit, adapter.weight))
         warnings.extend(_unmatched_targets(adapter))
 
-    # A tied model whose embedding changed but whose head did not (or the reverse) must be untied to stay the
-    # model that was trained: PEFT's merge would silently move both.
-    if tied and not any(a.keep_tied for a in adapters):
+    # A tied model whose embedding or head changed must be untied to stay the model that was trained: PEFT's
+    # merge would silently move both, and a loader that ties would drop one side's update. Both sides changed by
+    # separate LoRAs still differ; only ensure_weight_tying (one shared update) keeps them tied.
+    if _tied(base_config) and not any(a.keep_tied for a in adapters):
         emb = _embedding_key(base)
-        if emb is not None and (emb in per_key) != (OUTPUT_EMBEDDING in per_key):
-            extra.setdefault(OUTPUT_EMBEDDING, emb)
+        if emb is not None and (emb in per_key or OUTPUT_EMBEDDING in per_key):
+            if tied:
+                extra.setdefault(OUTPUT_EMBEDDING, emb)
             config_updates["tie_word_embeddings"] = False
             warnings.append(
-                f"the adapters change only one of the tied {emb} / {OUTPUT_EMBEDDING}: writing both and setting "
+                f"the adapters change the tied {emb} / {OUTPUT_EMBEDDING} differently: writing both and setting "
                 "tie_word_embeddings=false so the merged model computes what was trained"
             )
 

@@ -241,6 +241,7 @@ def verify(
         base_config = read_json(base_path / "config.json") if base_path.is_dir() else None
         plan = build_plan(base_ckpt, inputs, None, base_config, check_values=False)
         results = check_weights(plan, merged_ckpt, max_ulp, device)
+        plan_warnings = list(plan.warnings)
     finally:
         base_ckpt.close()
         merged_ckpt.close()
@@ -260,6 +261,7 @@ def verify(
         max_ulp_allowed=max_ulp,
         failures=failures,
         worst=sorted(touched, key=lambda r: (-r.max_ulp, r.name))[:WORST_SHOWN],
+        warnings=plan_warnings,
     )
     if outputs:
         report.output = check_outputs(
@@ -289,6 +291,7 @@ def render(report: VerifyReport) -> str:
             )
         else:
             lines.append(f"outputs      skipped: {out.skipped_reason}")
+    lines += [f"note: {warning}" for warning in report.warnings]
     if report.worst:
         lines.append("worst tensors:")
         lines += [f"  {r.name}: {r.max_ulp:.3g} ulp, {r.max_abs_err:.3g} abs" for r in report.worst]

@@ -44,7 +44,7 @@ def run_verification(
         adapters,
         weights=weights,
         adapter_format=getattr(args, "adapter_format", None),
-        max_ulp=getattr(args, "max_ulp", None) or DEFAULT_MAX_ULP,
+        max_ulp=DEFAULT_MAX_ULP if getattr(args, "max_ulp", None) is None else args.max_ulp,
         outputs=not getattr(args, "no_output_check", False),
         prompts=getattr(args, "prompt", None),
         device=getattr(args, "device", "cpu"),

@@ -7,9 +7,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+# Other copies of the weights beside the ones merged (a pytorch_model.bin next to model.safetensors, Mistral's
+# consolidated.safetensors, TF/Flax/GGUF/ONNX exports) hold the *unmerged* model under names loaders pick up.
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
 
 def copy_extra_files(base_folder: Path, dest: Path, weight_files: list[Path], skip_names: set[str]) -> list[str]:
-    """Copy everything in ``base_folder`` except its weight files, their index and hidden entries."""
+    """Copy everything in ``base_folder`` except weight files, their indexes, hidden entries and what ``dest``
+    already holds (the merged weights are never replaced by a base file of the same name)."""
     skip = {p.resolve() for p in weight_files}
     copied: list[str] = []
     for entry in sorted(base_folder.iterdir()):
@@ -17,7 +22,11 @@ def copy_extra_files(base_folder: Path, dest: Path, weight_files: list[Path], sk
             continue
         if entry.name.endswith((".safetensors.index.json", ".bin.index.json")):
             continue
+        if entry.is_file() and entry.name.endswith(WEIGHT_FILE_SUFFIXES):
+            continue
         target = dest / entry.name
+        if target.exists():
+            continue
         if entry.is_dir():
             shutil.copytree(entry, target, ignore=shutil.ignore_patterns(".*"))
         else:

@@ -56,11 +56,11 @@ class SpoolWriter:
     def names(self) -> list[str]:
         return [slot.name for slot, _ in self._entries]
 
-    def finish(self, path: Path, metadata: dict[str, str] | None = None) -> None:
-        """Write every tensor to ``path`` (safetensors unless the name ends in .pt/.pth/.bin/.ckpt)."""
+    def finish(self, path: Path, metadata: dict[str, str] | None = None, pickle: bool = False) -> None:
+        """Write every tensor to ``path``: safetensors, or a ``torch.save`` pickle with ``pickle``."""
         path = Path(path)
         try:
-            if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+            if pickle:
                 self._finish_pickle(path)
             else:
                 self._finish_safetensors(path, metadata)

@@ -132,6 +132,11 @@ def _parent_links(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, 
     ]
 
 
+def unwrappable(model: nn.Module) -> set[int]:
+    """Layers a wrapper would not see called: nn.MultiheadAttention uses its out_proj's weight directly."""
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
 def wrap_layer(model: nn.Module, layer: nn.Module) -> LoraModule:
     """The wrapper around ``layer``, creating it (and putting it in the model) when there is none yet."""
     for parent in model.modules():
@@ -162,12 +167,14 @@ class _Pending:
     bias: BiasDelta | None = None
 
 
-def _read(adapter: str | Path | AdapterInput) -> tuple[AdapterInput, bool]:
+def _read(adapter: str | Path | AdapterInput, table: dict[str, tuple[nn.Module, str]]) -> tuple[AdapterInput, bool]:
     if isinstance(adapter, AdapterInput):
         return adapter, False
     from ..formats import read_adapter
 
-    return read_adapter(Path(adapter)), True
+    # The live model's names and shapes let formats such as kohya resolve their tensor names.
+    shapes = {name: tuple(getattr(module, attr).shape) for name, (module, attr) in table.items()}
+    return read_adapter(Path(adapter), base_shapes=shapes), True
 
 
 def _check_name(name: str, state: RuntimeState) -> None:
@@ -210,18 +217,19 @@ def apply_adapter(
     """
     state = runtime_state(model)
     assert state is not None
-    inp, owned = _read(adapter)
+    table = parameter_table(model)
+    inp, owned = _read(adapter, table)
     if name is None:
         while f"adapter{state.counter}" in state.adapters:
             state.counter += 1
         name = f"adapter{state.counter}"
     _check_name(name, state)
     strength = float(weight) * float(inp.weight)
-    table = parameter_table(model)
     matcher = KeyMatcher(list(table))
     pending: dict[int, _Pending] = {}  # id(layer) -> its LoRA edit
     swaps: dict[tuple[int, str], tuple[nn.Module, str, list[Edit]]] = {}
     bias_edits: list[tuple[nn.Module, BiasDelta]] = []
+    skip = unwrappable(model)
     try:
         for targeted in inp.edits:
             key = matcher.resolve(targeted.target)
@@ -243,7 +251,7 @@ def apply_adapter(
                 )
             if not tensor.is_floating_point():
                 raise AdapterError(f"{inp.label}: {key!r} is {tensor.dtype}; apply adapters to an unquantized model")
-            kind = layer_kind(module)
+            kind = None if id(module) in skip else layer_kind(module)
             if isinstance(edit, LoraDelta) and attr == "weight" and kind is not None and id(module) not in pending:
                 if kind == "embedding" and edit.layout != "transposed":
                     raise ShapeMismatchError(f"{inp.label}: {edit.source_key!r} is not an embedding LoRA for {key!r}")
@@ -364,8 +372,11 @@ def merge_into(model: nn.Module) -> nn.Module:
             weight = original.clone()
             for patch in wrapper.lora.values():
                 weight = patch_edit(patch).apply(weight, original)
-                if patch.lora_bias is not None and getattr(base, "bias", None) is not None:
-                    base.bias.add_((patch.lora_bias.detach() * patch.scale).to(base.bias.dtype))
+                if patch.lora_bias is not None:
+                    if getattr(base, "bias", None) is None:
+                        log.warning("%s has no bias: its adapter's lora_B bias cannot be merged (dropped)", module_name)
+                    else:
+                        base.bias.add_((patch.lora_bias.detach() * patch.scale).to(base.bias.dtype))
             value = weight.to(base.weight.dtype)
             if _shared(model, base.weight):
                 log.warning(

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..io.output import AtomicOutput, check_output
-from .apply import lora_modules, runtime_state, wrap_layer
+from .apply import lora_modules, runtime_state, unwrappable, wrap_layer
 from .layers import LoraModule, LoraPatch, adapter_dtype, layer_kind
 
 log = logging.getLogger("lorafuse")
@@ -97,11 +97,12 @@ def inject_lora(
     if name in state.adapters:
         raise AdapterError(f"the model already has an adapter named {name!r}: pass another name")
     head = _output_layer(model)
+    skip = unwrappable(model)
     chosen: list[tuple[str, nn.Module]] = []
     for module_name, layer in named_layers(model):
         if not module_name or layer_kind(layer) is None or layer_kind(layer) == "conv":
             continue
-        if not isinstance(layer, (nn.Linear, nn.Embedding)):
+        if not isinstance(layer, (nn.Linear, nn.Embedding)) or id(layer) in skip:
             continue
         if target_modules == "all-linear":
             hit = isinstance(layer, nn.Linear) and layer is not head and not module_name.endswith("lm_head")

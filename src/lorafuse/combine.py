@@ -1,0 +1,343 @@
+"""``lorafuse.combine``: one LoRA adapter from several, as PEFT's ``add_weighted_adapter`` builds it.
+
+With weights ``w_i`` and each adapter's scaling ``s_i`` (the result has scaling 1: ``lora_alpha = r``):
+
+- ``cat``: A = [w_1 s_1 A_1; w_2 s_2 A_2; ...] stacked along the rank, B = [B_1, B_2, ...]. Exact: B A is the
+  weighted sum of the updates. Rank = sum of the ranks.
+- ``linear``: A = sum sign(w_i s_i) sqrt(|w_i s_i|) A_i, B = sum sqrt(|w_i s_i|) B_i. Needs equal ranks; an
+  approximation (cross terms B_i A_j appear), as in PEFT.
+- ``svd``: the weighted sum of the full updates, truncated to rank R by SVD (default: the largest input rank);
+  the relative truncation error ||D - B A|| / ||D|| is reported per module.
+
+Modules get the same rank in the output (zero rows/columns pad the smaller ones, which changes nothing), so the
+adapter loads in PEFT as a plain LoRA. DoRA adapters cannot be combined this way and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from . import __version__
+from .dtypes import dtype_short_name, parse_dtype
+from .edits import BiasDelta, DoraDelta, LoraDelta, Replace
+from .errors import AdapterError, LorafuseError
+from .formats import read_adapter
+from .io.checkpoint import open_model
+from .io.output import AtomicOutput, check_output
+from .plan import EMBEDDING_SUFFIXES, AdapterInput
+
+log = logging.getLogger("lorafuse")
+METHODS = ("cat", "linear", "svd")
+PEFT_PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+@dataclass
+class CombineReport:
+    """What a combine wrote."""
+
+    method: str
+    output: str
+    rank: int
+    modules: int
+    adapters: list[dict[str, Any]]
+    dtype: str
+    svd_error_max: float | None = None  # relative Frobenius error of the worst module (svd only)
+    svd_error_mean: float | None = None
+    svd_worst_module: str | None = None
+    carried_tensors: int = 0  # modules_to_save / trained biases / saved embeddings copied as they are
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    lorafuse_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Factor:
+    """One adapter's LoRA on one module, with the adapter weight already folded into ``scale``."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+
+@dataclass
+class _Module:
+    name: str
+    embedding: bool
+    transposed: bool
+    factors: list[_Factor] = field(default_factory=list)
+    bias: torch.Tensor | None = None  # sum of the weighted lora_B biases (output scaling is 1)
+
+
+def _module_name(target: str) -> str:
+    return target.rsplit(".", 1)[0]
+
+
+def _is_embedding(edit: LoraDelta, target: str) -> bool:
+    return "lora_embedding" in edit.source_key or (edit.layout == "transposed" and target.endswith(EMBEDDING_SUFFIXES))
+
+
+def _collect(
+    inputs: list[AdapterInput], weights: list[float]
+) -> tuple[dict[str, _Module], dict[str, torch.Tensor], list[str]]:
+    """Every module's weighted factors, plus the full tensors to carry over unchanged (by their PEFT key)."""
+    modules: dict[str, _Module] = {}
+    carried: dict[str, torch.Tensor] = {}
+    warnings: list[str] = []
+    for inp, weight in zip(inputs, weights):
+        carried_here = 0
+        for targeted in inp.edits:
+            edit, target = targeted.edit, targeted.target
+            if isinstance(edit, DoraDelta):
+                raise AdapterError(
+                    f"{inp.label}: {edit.source_key!r} is DoRA, whose magnitudes cannot be combined into one LoRA; "
+                    "merge the adapters into the base model instead (lorafuse merge)"
+                )
+            if isinstance(edit, LoraDelta):
+                name = _module_name(target)
+                module = modules.setdefault(
+                    name, _Module(name, _is_embedding(edit, target), edit.layout == "transposed")
+                )
+                module.factors.append(_Factor(edit.A.load(), edit.B.load(), edit.scale * weight))
+            elif isinstance(edit, BiasDelta):
+                name = _module_name(target)
+                bias = edit.b.load() * (edit.scale * weight)
+                module = modules.get(name)
+                if module is None:
+                    raise AdapterError(f"{inp.label}: {edit.source_key!r} is a lora_B bias without lora weights")
+                module.bias = bias if module.bias is None else module.bias + bias
+            elif isinstance(edit, Replace) and edit.source_key.startswith(PEFT_PREFIX):
+                tensor = edit.T.load().to(edit.T.checkpoint.infos[edit.T.name].dtype)
+                previous = carried.get(edit.source_key)
+                if previous is not None and not torch.equal(previous, tensor):
+                    raise AdapterError(
+                        f"{inp.label}: {edit.source_key!r} is also saved, with other values, by an earlier adapter; "
+                        "two adapters that both train a module (modules_to_save) cannot be combined"
+                    )
+                carried[edit.source_key] = tensor
+                # Saved copies of base layers (PEFT's save_embedding_layers) are the base itself: no weight applies.
+                carried_here += ".base_layer." not in edit.source_key
+            else:
+                raise AdapterError(
+                    f"{inp.label}: {edit.source_key or target!r} is a {type(edit).__name__}, which a LoRA adapter "
+                    "cannot hold; merge this adapter into the base model instead (lorafuse merge)"
+                )
+        if carried_here and weight != 1.0:
+            warnings.append(
+                f"{inp.label}: its {carried_here} full tensor(s) (modules_to_save, trained biases) are copied "
+                "unweighted"
+            )
+    return modules, carried, warnings
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _combine_module(module: _Module, method: str, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """The module's combined (A, B) with scaling 1, and the svd truncation error (relative)."""
+    factors = module.factors
+    if method == "cat":
+        return (
+            torch.cat([f.A * f.scale for f in factors], dim=0),
+            torch.cat([f.B for f in factors], dim=1),
+            None,
+        )
+    if method == "linear":
+        ranks = sorted({f.A.shape[0] for f in factors})
+        if len(ranks) > 1:
+            raise AdapterError(
+                f"--method linear needs equal ranks, but module {module.name!r} has ranks "
+                f"{', '.join(map(str, ranks))}; use --method cat or svd"
+            )
+        A = sum(math.copysign(math.sqrt(abs(f.scale)), f.scale) * f.A for f in factors)
+        B = sum(math.sqrt(abs(f.scale)) * f.B for f in factors)
+        return A, B, None  # type: ignore[return-value]
+    # svd: truncate the weighted sum of the updates D = sum s_i B_i A_i, in (out, in * kernel) form. D is the
+    # product of the stacked factors, so its SVD comes from QR of each side and the SVD of a small R x R core:
+    # the same result as a full SVD of D, without ever forming D.
+    B_cat = torch.cat([_flat(f.B).double() for f in factors], dim=1)
+    A_cat = torch.cat([_flat(f.A).double() * f.scale for f in factors], dim=0)
+    Qb, Rb = torch.linalg.qr(B_cat)
+    Qa, Ra = torch.linalg.qr(A_cat.T)
+    Uc, S, Vhc = torch.linalg.svd(Rb @ Ra.T)
+    k = min(rank or max(f.A.shape[0] for f in factors), int((S > 0).sum()) or 1)
+    B2 = (Qb @ Uc[:, :k]) * S[:k]
+    A2 = Vhc[:k] @ Qa.T
+    total = torch.sum(S * S).item()
+    error = math.sqrt(torch.sum(S[k:] * S[k:]).item() / total) if total > 0 else 0.0
+    A_shape = (k, *factors[0].A.shape[1:])
+    B_shape = (factors[0].B.shape[0], k, *factors[0].B.shape[2:])
+    return A2.float().reshape(A_shape).contiguous(), B2.float().reshape(B_shape).contiguous(), error
+
+
+def _pad(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero rows of A and columns of B up to ``rank`` (the update B A does not change)."""
+    extra = rank - A.shape[0]
+    if extra <= 0:
+        return A, B
+    A = torch.cat([A, A.new_zeros((extra, *A.shape[1:]))], dim=0)
+    B = torch.cat([B, B.new_zeros((B.shape[0], extra, *B.shape[2:]))], dim=1)
+    return A, B
+
+
+def _first_config(path: Path) -> dict[str, Any]:
+    """The first adapter's PEFT config (to keep task_type, base model ...), or {} for other formats."""
+    config = path / CONFIG_NAME if path.is_dir() else None
+    if config is None or not config.is_file():
+        return {}
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _output_config(
+    first: dict[str, Any], rank: int, modules: dict[str, _Module], inputs: list[Path], lora_bias: bool
+) -> dict[str, Any]:
+    config = dict(first)
+    modules_to_save: list[str] = []
+    for path in inputs:
+        for name in _first_config(path).get("modules_to_save") or []:
+            if name not in modules_to_save:
+                modules_to_save.append(name)
+    config.update(
+        {
+            "peft_type": "LORA",
+            "r": rank,
+            "lora_alpha": rank,
+            "use_rslora": False,
+            "use_dora": False,
+            "lora_bias": lora_bias,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            # Full module names: PEFT then wraps exactly the modules that have weights, whatever the inputs said.
+            "target_modules": sorted(modules),
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "exclude_modules": None,
+            "fan_in_fan_out": any(m.transposed and not m.embedding for m in modules.values()),
+            "modules_to_save": modules_to_save or None,
+            "init_lora_weights": True,
+            "inference_mode": True,
+        }
+    )
+    config.setdefault("base_model_name_or_path", None)
+    config.setdefault("task_type", None)
+    return config
+
+
+def combine(
+    adapters: Sequence[str | Path],
+    output: str | Path,
+    method: str = "cat",
+    weights: Sequence[float] | None = None,
+    rank: int | None = None,
+    dtype: str | None = "fp32",
+    overwrite: bool = False,
+    adapter_format: str | None = None,
+    base: str | Path | None = None,
+) -> CombineReport:
+    """Combine ``adapters`` (each times its weight) into one PEFT LoRA adapter folder at ``output``.
+
+    ``method`` is ``cat``, ``linear`` or ``svd`` (see the module docs); ``rank`` is the svd rank (default: the
+    largest input rank). ``dtype`` is the stored dtype of the new factors (``auto``: the first adapter's). ``base``
+    (a model folder or weight file, read header-only) is needed only for formats whose names are resolved against
+    the base (kohya). Writes atomically; refuses an existing non-empty ``output`` unless ``overwrite``.
+    """
+    started = time.perf_counter()
+    paths = [Path(a) for a in adapters]
+    if not paths:
+        raise LorafuseError("no adapter given: pass at least one adapter")
+    if method not in METHODS:
+        raise LorafuseError(f"unknown method {method!r}: use {', '.join(METHODS)}")
+    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(paths):
+        raise LorafuseError(f"{len(weights)} weights for {len(paths)} adapters: give one weight per adapter")
+    if rank is not None and (method != "svd" or rank <= 0):
+        raise LorafuseError("--rank applies to --method svd only and must be a positive integer")
+    out_dtype = parse_dtype(dtype)
+    output = Path(output)
+    check_output(output, overwrite, paths)
+
+    shapes = None
+    if base is not None:
+        checkpoint, _prefix, _index = open_model(Path(base))
+        shapes = {name: tuple(info.shape) for name, info in checkpoint.infos.items()}
+        checkpoint.close()
+    inputs = [read_adapter(p, label=str(p), fmt=adapter_format, base_shapes=shapes) for p in paths]
+    try:
+        modules, carried, warnings = _collect(inputs, weights)
+        if out_dtype is None:
+            first = next((e.edit for e in inputs[0].edits if isinstance(e.edit, LoraDelta)), None)
+            out_dtype = first.A.checkpoint.infos[first.A.name].dtype if first is not None else torch.float32
+    finally:
+        for inp in inputs:
+            for targeted in inp.edits:
+                for ref in targeted.edit.refs():
+                    ref.checkpoint.close()
+    if not modules:
+        raise AdapterError("the adapters hold no LoRA weights to combine")
+
+    combined: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    errors: dict[str, float] = {}
+    for name, module in modules.items():
+        A, B, error = _combine_module(module, method, rank)
+        combined[name] = (A, B)
+        if error is not None:
+            errors[name] = error
+    out_rank = max(A.shape[0] for A, _B in combined.values())
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (A, B) in combined.items():
+        A, B = _pad(A, B, out_rank)
+        a_key, b_key = (
+            ("lora_embedding_A", "lora_embedding_B") if modules[name].embedding else ("lora_A.weight", "lora_B.weight")
+        )
+        tensors[f"{PEFT_PREFIX}{name}.{a_key}"] = A.to(out_dtype).contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.{b_key}"] = B.to(out_dtype).contiguous()
+        if modules[name].bias is not None:
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.bias"] = modules[name].bias.to(out_dtype).contiguous()  # type: ignore[union-attr]
+    for key, tensor in carried.items():
+        tensors.setdefault(key, tensor.contiguous())
+    lora_bias = any(m.bias is not None for m in modules.values())
+    config = _output_config(_first_config(paths[0]), out_rank, modules, paths, lora_bias)
+
+    with AtomicOutput(output) as out:
+        (out.tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(out.tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        out.commit()
+
+    for warning in warnings:
+        log.warning(warning)
+    report = CombineReport(
+        method=method,
+        output=str(output),
+        rank=out_rank,
+        modules=len(modules),
+        adapters=[{"path": str(p), "weight": w} for p, w in zip(paths, weights)],
+        dtype=dtype_short_name(out_dtype),
+        carried_tensors=len(carried),
+        warnings=warnings,
+    )
+    if errors:
+        worst = max(errors, key=errors.__getitem__)
+        report.svd_error_max = errors[worst]
+        report.svd_error_mean = sum(errors.values()) / len(errors)
+        report.svd_worst_module = worst
+    report.seconds = time.perf_counter() - started
+    return report
