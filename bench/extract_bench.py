@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import merge_bench  # noqa: E402
 from merge_bench import CACHE, LAYERS, build_adapter, build_base, run_measured, warm  # noqa: E402
 
 # Not `python -m lorafuse.cli`: run as __main__, cli.py would not see the sub-commands other modules register.
@@ -56,12 +57,16 @@ def perturb_full_rank(base: Path, dest: Path) -> None:
 def ensure_models(layers: int) -> tuple[Path, Path, Path]:
     root = CACHE / f"extract-L{layers}"
     base, adapter, tuned16, tuned64 = root / "base", root / "adapter", root / "tuned16", root / "tuned64"
+    if layers == LAYERS:  # the merge benchmark's own model, shared
+        base, adapter = merge_bench.ensure_models(1)
     done = root / ".complete"
     if not done.exists():
         shutil.rmtree(root, ignore_errors=True)
-        print(f"building a random Qwen3-1.7B-shaped model with {layers} layers in {root} (once)", flush=True)
-        build_base(base, layers)
-        build_adapter(adapter, layers)
+        root.mkdir(parents=True)
+        if layers != LAYERS:
+            print(f"building a random Qwen3-1.7B-shaped model with {layers} layers in {root} (once)", flush=True)
+            build_base(base, layers)
+            build_adapter(adapter, layers)
         subprocess.run([*LORAFUSE, "merge", str(base), str(adapter), "-o", str(tuned16)], check=True)
         perturb_full_rank(base, tuned64)
         done.touch()

@@ -191,10 +191,10 @@ def run_measured(cmd: list[str]) -> tuple[float, int, float]:
     """Run ``cmd``; (wall seconds, peak RSS in bytes, CPU seconds) of the command alone."""
     os.sync()  # flush the previous output's dirty pages outside the timing
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-S", "-c", WRAPPER, *cmd], stdout=subprocess.PIPE, text=True, check=False)
+    proc = subprocess.run([sys.executable, "-S", "-c", WRAPPER, *cmd], capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
     cpu, rss = proc.stdout.split()[-2:]
     return elapsed, int(rss) * 1024, float(cpu)  # Linux reports ru_maxrss in KiB
 

@@ -21,6 +21,8 @@ import lorafuse
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny"
 BASE = EXAMPLE / "base"
 ADAPTER = EXAMPLE / "adapter"
+# Store hand-written pointer text as it is, even where git-lfs is configured globally.
+NO_CLEAN = ["-c", "filter.lfs.clean=", "-c", "filter.lfs.process=", "-c", "filter.lfs.required=false"]
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",
     "GIT_AUTHOR_EMAIL": "t@example.com",
@@ -113,10 +115,7 @@ def make_pointer_repo(root: Path) -> str:
     shutil.copy(ADAPTER / "adapter_config.json", work / "adapter_config.json")
     pointer = lfs_pointer_text((ADAPTER / "adapter_model.safetensors").read_bytes())
     (work / "adapter_model.safetensors").write_text(pointer)
-    # -c filter.lfs.clean= : store the pointer text as it is even where git-lfs is configured globally.
-    git(
-        "-c", "filter.lfs.clean=", "-c", "filter.lfs.process=", "-c", "filter.lfs.required=false", "add", "-A", cwd=work
-    )
+    git(*NO_CLEAN, "add", "-A", cwd=work)
     git("commit", "-q", "-m", "pointer only", cwd=work)
     git("-c", "lfs.allowincompletepush=true", "push", "-q", "--no-verify", bare.as_uri(), "main", cwd=work)
     return bare.as_uri()
@@ -131,7 +130,12 @@ def make_lfs_repo(root: Path) -> str:
     git("lfs", "install", "--local", cwd=work)
     git("lfs", "track", "*.safetensors", cwd=work)
     _commit_tree(work, adapter_files(ADAPTER), "adapter in LFS")
-    git("push", "-q", bare.as_uri(), "main", cwd=work)
+    # A training state below the adapter whose LFS object the server lacks: a merge must not need it.
+    (work / "checkpoint-1").mkdir()
+    (work / "checkpoint-1" / "optimizer.safetensors").write_text(lfs_pointer_text(b"optimizer state"))
+    git(*NO_CLEAN, "add", "-A", cwd=work)
+    git("commit", "-q", "-m", "stray checkpoint", cwd=work)
+    git("-c", "lfs.allowincompletepush=true", "push", "-q", bare.as_uri(), "main", cwd=work)
     objects = list((bare / "lfs" / "objects").rglob("*"))
     assert any(p.is_file() for p in objects), "git-lfs did not upload the object to the file:// remote"
     return bare.as_uri()

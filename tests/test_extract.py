@@ -232,3 +232,35 @@ def test_changed_bias_of_lora_layers_becomes_lora_bias(qwen2, tmp_path):
         tuned_logits = load_model(tuned)(ids).logits
     torch.testing.assert_close(peft_logits, tuned_logits, rtol=0, atol=1e-4)
     torch.testing.assert_close(merged_logits, tuned_logits, rtol=0, atol=1e-4)
+
+
+def test_embedding_change_extracts_as_peft_embedding_lora(llama_untied, tmp_path):
+    def change(tensors):
+        name = "model.embed_tokens.weight"
+        tensors[name] = tensors[name] + noise((128, 2), 1, 0.3) @ noise((2, 32), 2, 0.3)
+
+    tuned = make_tuned(llama_untied, tmp_path / "tuned", change)
+    report = extract(llama_untied, tuned, tmp_path / "ex", rank=2, min_params=0)
+    assert report.lora == 1 and report.rel_error < 1e-5
+    stored = load_file(tmp_path / "ex" / "adapter_model.safetensors")
+    assert {k: tuple(v.shape) for k, v in stored.items()} == {
+        "base_model.model.model.embed_tokens.lora_embedding_A": (2, 128),
+        "base_model.model.model.embed_tokens.lora_embedding_B": (32, 2),
+    }
+    ids = input_ids()
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(load_model(llama_untied), tmp_path / "ex")(ids).logits
+        tuned_logits = load_model(tuned)(ids).logits
+    torch.testing.assert_close(peft_logits, tuned_logits, rtol=0, atol=1e-4)
+
+
+def test_peft_format_refuses_a_change_it_cannot_hold_exactly(tmp_path):
+    base = {"blocks.0.modulation": torch.zeros(1, 6, 8), "blocks.0.attn.q.weight": torch.zeros(8, 8)}
+    tuned = {"blocks.0.modulation": torch.ones(1, 6, 8), "blocks.0.attn.q.weight": torch.zeros(8, 8)}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    with pytest.raises(LorafuseError, match="blocks.0.modulation.*--format diffusion"):
+        extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "ex")
+    assert not (tmp_path / "ex").exists()
+    report = extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "ex", fmt="diffusion")
+    assert report.direct_diff == 1 and (tmp_path / "ex.safetensors").is_file()

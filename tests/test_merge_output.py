@@ -240,11 +240,14 @@ def _crash_on_fifth_read(monkeypatch, base_file: Path) -> list[Path]:
     return reads
 
 
-@pytest.mark.parametrize("out_format", ["safetensors", "bin"])
+@pytest.mark.parametrize("out_format", ["safetensors", "bin", "single-file"])
 def test_crash_mid_write_leaves_no_output(out_format, llama_untied, adapter, tmp_path, monkeypatch, capsys):
     reads = _crash_on_fifth_read(monkeypatch, llama_untied / "model.safetensors")
-    out = tmp_path / "merged"
-    code = main(["merge", str(llama_untied), str(adapter), "-o", str(out), "--format", out_format])
+    if out_format == "single-file":
+        base, out, extra = llama_untied / "model.safetensors", tmp_path / "merged.safetensors", []
+    else:
+        base, out, extra = llama_untied, tmp_path / "merged", ["--format", out_format]
+    code = main(["merge", str(base), str(adapter), "-o", str(out), *extra])
     assert code == 130 and "nothing was written" in capsys.readouterr().err
     assert len(reads) == 5
     assert list(tmp_path.iterdir()) == []
@@ -344,3 +347,18 @@ def test_dry_run_lists_the_files_a_real_run_writes(out_format, llama_untied, ada
     assert planned.files == written.files
     assert set(written.files) <= {p.name for p in out.iterdir()}
     assert any(name.endswith(".index.json") for name in written.files)
+
+
+def test_dtype_leaves_integer_tensors_alone(llama_untied, adapter, tmp_path):
+    from safetensors.torch import save_file
+
+    base = shutil.copytree(llama_untied, tmp_path / "base")
+    tensors = read_tensors(base)
+    tensors["model.position_ids"] = torch.arange(64, dtype=torch.int64) * 1_000_000  # beyond fp16 if converted
+    save_file(tensors, base / "model.safetensors")
+    out = tmp_path / "merged"
+    lorafuse.merge(base, [adapter], out, dtype="fp16")
+    merged = read_tensors(out)
+    assert merged["model.position_ids"].dtype == torch.int64
+    assert torch.equal(merged["model.position_ids"], tensors["model.position_ids"])
+    assert merged["model.norm.weight"].dtype == torch.float16

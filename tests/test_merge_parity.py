@@ -363,3 +363,22 @@ def test_row_block_merge_matches_peft(fixture, request, tmp_path, monkeypatch):
         assert torch.equal(tensor, reference[key]), key
         if key != "lm_head.weight":  # tied GPT-2 head: PEFT's merge moves it with wte (see the tie tests)
             torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_tied_encoder_head_with_another_name_stays_tied(bert, tmp_path):
+    """BERT's MLM head (cls.predictions.decoder) is tied to the word embeddings under a name other than lm_head:
+    writing lm_head.weight and untying would leave that head random, so it stays tied as in PEFT's merge."""
+    from transformers import AutoModelForMaskedLM
+
+    adapter = make_peft_adapter(
+        bert, tmp_path / "adapter", model_cls=AutoModelForMaskedLM, target_modules=["word_embeddings", "query"]
+    )
+    out = tmp_path / "merged"
+    report = lorafuse.merge(bert, [adapter], out, dtype="fp32")
+    assert report.config_updates == {}
+    assert [w for w in report.warnings if "word_embeddings" in w and "moves with it" in w]
+    assert set(read_tensors(out)) == set(read_tensors(bert))
+    merged = load_model(out, AutoModelForMaskedLM)
+    expected = peft_merged(bert, [adapter], model_cls=AutoModelForMaskedLM)
+    ids = input_ids()
+    torch.testing.assert_close(_outputs(merged, ids), _outputs(expected, ids), rtol=1e-5, atol=1e-5)

@@ -121,7 +121,11 @@ def test_lora_bias_and_modules_to_save_match_peft(qwen2, tmp_path):
     apply_adapter(model, adapter)
     assert model.model.layers[0].self_attn.q_proj.lora["adapter0"].lora_bias is not None
     assert model.lm_head.weight is not original_head  # swapped for the adapter's copy
-    assert_close(logits(model), logits(peft_model(qwen2, [adapter])))
+    expected = logits(peft_model(qwen2, [adapter]))
+    assert_close(logits(model), expected)
+    merged = load_model(qwen2)
+    apply_adapter(merged, adapter)
+    assert_close(logits(merge_into(merged)), expected)
     remove_adapter(model)
     assert model.lm_head.weight is original_head
     assert torch.equal(logits(model), base)
@@ -251,6 +255,21 @@ def test_inject_all_linear_skips_the_head(llama_untied):
     model = load_model(llama_untied)
     wrapped = inject_lora(model, rank=2)
     assert len(wrapped) == 14 and "lm_head" not in wrapped
+    regex = inject_lora(load_model(llama_untied), target_modules=r"model\.layers\.1\..*_proj", rank=2)
+    assert len(regex) == 7 and all(n.startswith("model.layers.1.") for n in regex)
+
+
+def test_adapter_names_match_across_head_prefixes(bert, tmp_path):
+    from transformers import AutoModel, BertForMaskedLM
+
+    adapter = make_peft_adapter(bert, tmp_path / "a", model_cls=AutoModel, target_modules=["query", "value"])
+    masked_lm = BertForMaskedLM.from_pretrained(bert).eval()  # names start with "bert.", the adapter's do not
+    apply_adapter(masked_lm, adapter)
+    ids = input_ids()
+    with torch.no_grad():
+        ours = masked_lm.bert(ids).last_hidden_state
+        expected = peft_model(bert, [adapter], model_cls=AutoModel)(ids).last_hidden_state
+    assert_close(ours, expected)
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])

@@ -140,3 +140,9 @@ def test_base_named_by_config_that_does_not_exist(tmp_path):
     write_config(folder, base_model_name_or_path="/trainer/only/base")
     with pytest.raises(InputError, match="base model /trainer/only/base does not exist"):
         lorafuse.merge(None, [folder], tmp_path / "out")
+
+
+def test_no_base_for_a_single_file_adapter_says_pass_it(tmp_path):
+    weights = ADAPTER / "adapter_model.safetensors"
+    with pytest.raises(SourceError, match=r"adapter .*adapter_model.safetensors has no adapter_config.json to name"):
+        lorafuse.merge(None, [weights], tmp_path / "out")

@@ -151,6 +151,8 @@ def test_merge_verify_flag(tmp_path, capsys):
     assert data["verify"]["output"]["ran"] is True
     assert main(["merge", str(BASE), str(ADAPTER), "-o", str(tmp_path / "m2"), "--verify"]) == 0
     assert "PASSED" in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0  # inspect names what a lorafuse merge was made from
+    assert f"{BASE} + {ADAPTER} (weight 1.0)" in capsys.readouterr().out
 
 
 def test_dora_merge_verifies_with_runtime_outputs(tmp_path):

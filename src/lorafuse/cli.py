@@ -39,7 +39,7 @@ def human_bytes(n: float) -> str:
 def _merge_args(p: argparse.ArgumentParser) -> None:
     from .sources.cli_args import SOURCES_HELP, add_source_args
 
-    p.add_argument("base", nargs="?", metavar="BASE", help=f"base model folder or .safetensors file, or {SOURCES_HELP}")
+    p.add_argument("base", nargs="?", metavar="BASE", help=f"base model (optional, see --base): {SOURCES_HELP}")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapters, applied in this order (same sources)")
     add_source_args(p)
     p.add_argument("-o", "--output", required=True, help="output folder (created; must not exist or be empty)")

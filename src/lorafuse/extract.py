@@ -9,6 +9,7 @@ kohya single file.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ from .errors import AdapterError, LorafuseError
 from .io.checkpoint import Checkpoint, open_model
 from .io.extra_files import read_json
 from .io.output import AtomicOutput, check_output
-from .io.safetensors_file import TensorInfo
+from .io.safetensors_file import TensorInfo, pread_into
 from .io.spool import SpoolWriter
 from .plan import EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING
 
@@ -144,6 +145,12 @@ def _tensor_seed(name: str, seed: int) -> int:
     return (zlib.crc32(name.encode()) + seed) & 0x7FFFFFFF
 
 
+@functools.cache
+def _compare_buffers() -> tuple[bytearray, bytearray]:
+    # Reused for every comparison: fresh 32 MB buffers per chunk would cost page faults on every read.
+    return bytearray(COMPARE_CHUNK), bytearray(COMPARE_CHUNK)
+
+
 def _same_values(base: Checkpoint, tuned: Checkpoint, bname: str, tname: str) -> bool:
     """True when the two tensors hold identical values (bytes compared in chunks for safetensors)."""
     bi, ti = base.infos[bname], tuned.infos[tname]
@@ -151,9 +158,13 @@ def _same_values(base: Checkpoint, tuned: Checkpoint, bname: str, tname: str) ->
         if bi.nbytes != ti.nbytes:
             return False
         bfd, tfd = base.fd(bi.path), tuned.fd(ti.path)
+        left, right = _compare_buffers()
         for start in range(0, bi.nbytes, COMPARE_CHUNK):
             size = min(COMPARE_CHUNK, bi.nbytes - start)
-            if os.pread(bfd, size, bi.offset + start) != os.pread(tfd, size, ti.offset + start):
+            a, b = memoryview(left)[:size], memoryview(right)[:size]
+            pread_into(bfd, a, bi.offset + start, bi.path)
+            pread_into(tfd, b, ti.offset + start, ti.path)
+            if a != b:
                 return False
         return True
     a, b = base.get(bname), tuned.get(tname)

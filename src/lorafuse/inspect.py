@@ -256,9 +256,19 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
             "tied_embeddings": bool(tie_config) and has_embedding and not lm_head if config is not None else None,
             "lm_head_stored": lm_head,
             "quantization": quant.to_dict() if quant else None,
+            "merged_from": _provenance(path),
         }
     finally:
         checkpoint.close()
+
+
+def _provenance(path: Path) -> dict[str, Any] | None:
+    """Base and adapters of a model lorafuse merged (from its lorafuse_merge.json), else None."""
+    data = read_json(path / "lorafuse_merge.json") if path.is_dir() else None
+    if not data:
+        return None
+    adapters = [{"path": a.get("path"), "weight": a.get("weight")} for a in data.get("adapters", [])]
+    return {"base": data.get("base"), "adapters": adapters, "lorafuse_version": data.get("lorafuse_version")}
 
 
 def is_adapter(path: Path) -> bool:
@@ -366,6 +376,10 @@ def render_model(report: dict[str, Any]) -> str:
         f"tied embed.  {report['tied_embeddings'] if report['tied_embeddings'] is not None else '- (no config.json)'}",
         f"quantization {quant_line}",
     ]
+    merged = report.get("merged_from")
+    if merged:
+        adapters = ", ".join(f"{a['path']} (weight {a['weight']})" for a in merged["adapters"])
+        lines.append(f"merged by    lorafuse {merged['lorafuse_version']}: {merged['base']} + {adapters}")
     if len(report["shards"]) > 1:
         lines += [""] + _table(
             [[s["file"], _human(s["bytes"], "B"), str(s["tensors"])] for s in report["shards"]],

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .dtypes import is_float
-from .edits import DoraDelta, Edit, LoraDelta, TargetedEdit, with_strength
+from .edits import DoraDelta, Edit, LoraDelta, Replace, TargetedEdit, with_strength
 from .errors import AdapterError, NonFiniteError, ShapeMismatchError
 from .io.checkpoint import Checkpoint
 from .keymatch import KeyMatcher
@@ -82,6 +82,19 @@ def _tied(base_config: dict[str, Any] | None) -> bool:
     # transformers ties by default when config.json does not say otherwise.
     configs = [base_config] + [v for v in base_config.values() if isinstance(v, dict) and "model_type" in v]
     return any(c.get("tie_word_embeddings", True) is True for c in configs)
+
+
+# Encoder families whose LM heads are named otherwise (cls.predictions.decoder, lm_head.decoder), even in their
+# *ForCausalLM / *LMHeadModel classes.
+ENCODER_ARCH_PREFIXES = ("Bert", "Roberta", "XLMRoberta", "Camembert", "Electra", "Ernie", "Data2Vec", "Xmod", "RoC")
+
+
+def _head_is_lm_head(base_config: dict[str, Any] | None) -> bool:
+    """Whether the model's tied output head is the ``lm_head.weight`` tensor (decoder LMs and seq2seq models)."""
+    configs = [base_config or {}] + [v for v in (base_config or {}).values() if isinstance(v, dict)]
+    archs = [a for c in configs for a in (c.get("architectures") or []) if isinstance(a, str)]
+    heads = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+    return any(a.endswith(heads) and not a.startswith(ENCODER_ARCH_PREFIXES) for a in archs)
 
 
 def _embedding_key(base: Checkpoint, shape: tuple[int, ...] | None = None) -> str | None:
@@ -156,14 +169,25 @@ def build_plan(
             per_key.setdefault(key, []).append(with_strength(edit, adapter.weight))
         warnings.extend(_unmatched_targets(adapter))
 
+    # PEFT saves a copy of a LoRA-wrapped embedding's base layer with each adapter; that copy is the weight every
+    # adapter's LoRA applies on, so it goes first, or a later adapter's copy would wipe an earlier one's update.
+    for key, edits in per_key.items():
+        per_key[key] = sorted(edits, key=lambda e: not (isinstance(e, Replace) and ".base_layer." in e.source_key))
+
     # A tied model whose embedding or head changed must be untied to stay the model that was trained: PEFT's
     # merge would silently move both, and a loader that ties would drop one side's update. Both sides changed by
     # separate LoRAs still differ; only ensure_weight_tying (one shared update) keeps them tied.
-    if _tied(base_config) and not any(a.keep_tied for a in adapters):
+    if tied and not any(a.keep_tied for a in adapters):
         emb = _embedding_key(base)
-        if emb is not None and (emb in per_key or OUTPUT_EMBEDDING in per_key):
-            if tied:
-                extra.setdefault(OUTPUT_EMBEDDING, emb)
+        if emb is not None and OUTPUT_EMBEDDING not in per_key and emb in per_key and not _head_is_lm_head(base_config):
+            # The head has another name (BERT's cls.predictions.decoder) or there is none: writing lm_head.weight
+            # and untying would leave that head randomly initialized. Stay tied, as PEFT's merge does.
+            warnings.append(
+                f"the adapters change {emb}, which config.json ties to the output head; lorafuse does not know the "
+                "head's tensor name for this architecture, so the head moves with it (as in PEFT's merge)"
+            )
+        elif emb is not None and (emb in per_key or OUTPUT_EMBEDDING in per_key):
+            extra.setdefault(OUTPUT_EMBEDDING, emb)
             config_updates["tie_word_embeddings"] = False
             warnings.append(
                 f"the adapters change the tied {emb} / {OUTPUT_EMBEDDING} differently: writing both and setting "

@@ -81,7 +81,7 @@ def base_named_by(adapter: Path) -> tuple[str, str | None]:
     """(base_model_name_or_path, revision) from the adapter's adapter_config.json."""
     path = Path(adapter) / CONFIG_NAME
     if not path.is_file():
-        raise SourceError(f"no BASE given and {path} does not exist to name one: pass the base model")
+        raise SourceError(f"no BASE given and adapter {adapter} has no {CONFIG_NAME} to name one: pass the base model")
     data = _read_file(path, "adapter config")
     base = data.get("base_model_name_or_path")
     if not isinstance(base, str) or not base.strip():

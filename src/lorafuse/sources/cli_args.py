@@ -9,7 +9,9 @@ from typing import Any
 
 from .adapter_config import CONFIG_NAME
 
-SOURCES_HELP = "a local path, hf://ORG/NAME[@REV], ms://ORG/NAME[@REV], a bare ORG/NAME (Hub) or a git URL"
+SOURCES_HELP = (
+    "a folder or .safetensors file, hf://ORG/NAME[@REV], ms://ORG/NAME[@REV], a bare ORG/NAME (Hub) or a git URL"
+)
 
 
 def add_source_args(p: argparse.ArgumentParser) -> None:

@@ -87,18 +87,21 @@ def _checkout(url: str, dest: Path, ref: str) -> None:
         raise SourceError(f"git checkout of {ref!r} in {dest} failed ({_last_line(proc)})")
 
 
-def lfs_pointers(folder: Path) -> list[Path]:
-    """Files under ``folder`` (outside ``.git``) that are Git LFS pointers rather than content."""
+def lfs_pointers(folder: Path, recursive: bool = True) -> list[Path]:
+    """Files in ``folder`` (or ``folder`` itself, a file), outside ``.git``, that are Git LFS pointers."""
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder] if is_lfs_pointer(folder) else []
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if d != ".git"]
+        dirnames[:] = [d for d in dirnames if d != ".git"] if recursive else []
         found.extend(Path(dirpath) / name for name in filenames if is_lfs_pointer(Path(dirpath) / name))
     return sorted(found)
 
 
-def pull_lfs(repo: Path, folder: Path, url: str) -> None:
-    """Replace the Git LFS pointers under ``folder`` (inside the clone ``repo``) by their objects."""
-    pointers = lfs_pointers(folder)
+def pull_lfs(repo: Path, folder: Path, url: str, recursive: bool = True) -> None:
+    """Replace the Git LFS pointers in ``folder`` (inside the clone ``repo``) by their objects."""
+    pointers = lfs_pointers(folder, recursive)
     if not pointers:
         return
     rel = [p.relative_to(repo).as_posix() for p in pointers]

@@ -97,11 +97,13 @@ def fetch(
                 "or a git URL"
             )
     folder = root / subfolder if subfolder else root
-    if subfolder and not folder.is_dir():
+    if subfolder and not folder.exists():
         listing = ", ".join(sorted(p.name for p in root.iterdir() if not p.name.startswith("."))[:20]) or "nothing"
         raise SourceError(f"{src.text} has no sub-folder {subfolder!r}: it holds {listing}")
     if src.kind == "git" or "commit" in info:
-        pull_lfs(root, folder, src.location)
+        # A model needs every file (tokenizer files may be in LFS too); an adapter only its own folder's files,
+        # not the other checkpoints or optimizer states a training repo may hold below it.
+        pull_lfs(root, folder, src.location, recursive=role == "model")
     if subfolder:
         info["subfolder"] = subfolder
     if src.kind != "local" or revision:
