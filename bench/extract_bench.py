@@ -112,7 +112,7 @@ def main() -> None:
     warm([base, tuned16, tuned64])
 
     shutil.rmtree(out, ignore_errors=True)
-    cp_time, cp_rss = run_measured(["cp", "-r", str(base), str(out)])
+    cp_time, cp_rss = run_measured(["cp", "-r", str(base), str(out)])[:2]
     shutil.rmtree(out)
     runs = [("rank 16, randomized", tuned16, 16, [])]
     if not args.skip_exact:
@@ -126,7 +126,7 @@ def main() -> None:
     optimal: dict[tuple[Path, int], dict[str, float]] = {}
     for label, tuned, rank, extra in runs:
         cmd = [*LORAFUSE, "extract", str(base), str(tuned), "-o", str(out), "--rank", str(rank), *extra]
-        seconds, rss = run_measured(cmd)
+        seconds, rss = run_measured(cmd)[:2]
         errors, rel, nbytes = report_errors(out)
         if (tuned, rank) not in optimal:
             names = sorted(errors)

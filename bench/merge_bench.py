@@ -207,7 +207,7 @@ def main() -> None:
     args = parser.parse_args()
 
     base, adapter = ensure_models(args.scale)
-    out = CACHE / "out"
+    out = CACHE / f"merge-bench-out-{os.getpid()}"  # private: other benchmarks share bench/.cache
     lorafuse = shutil.which("lorafuse") or sys.exit("the lorafuse command is not installed: pip install -e .")
     commands = {
         "cp -r": ["cp", "-r", str(base), str(out)],
@@ -222,11 +222,12 @@ def main() -> None:
     results: dict[str, list[tuple[float, int, float]]] = {name: [] for name in commands}
     for rep in range(args.repeat):
         for name, cmd in commands.items():
-            shutil.rmtree(out, ignore_errors=True)
+            if out.exists():
+                shutil.rmtree(out)
             results[name].append(run_measured(cmd))
             seconds, rss, cpu = results[name][-1]
             print(f"  rep {rep + 1} {name:9s} {seconds:7.2f} s  cpu {cpu:6.2f} s  peak RSS {rss / 2**20:6.0f} MiB")
-    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out)
 
     floor = [t for t, _, _ in results["cp -r"]]
     load = os.getloadavg()[0]

@@ -61,6 +61,11 @@ CASES = {
     "qwen2-bias-all": ("qwen2", dict(target_modules=["q_proj", "o_proj"], bias="all"), None),
     "qwen2-bias-lora-only": ("qwen2", dict(target_modules=["k_proj", "v_proj", "o_proj"], bias="lora_only"), None),
     "qwen2-lora-bias": ("qwen2", dict(target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True), None),
+    "qwen2-dora-biased-layers": (
+        "qwen2",
+        dict(target_modules=["q_proj", "v_proj"], use_dora=True, bias="lora_only"),
+        None,
+    ),
     "gpt2-fan-in-fan-out": ("gpt2", dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True), None),
     "gpt2-dora": ("gpt2", dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, use_dora=True), None),
     "gpt2-bias-all-modules-to-save": (

@@ -48,7 +48,11 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     p.add_argument("--format", dest="out_format", choices=["safetensors", "bin"], default="safetensors")
     p.add_argument("--device", default="cpu", help="cpu or cuda for the merge math")
-    p.add_argument("--adapter-format", default=None, help="force the adapter format instead of detecting it")
+    p.add_argument(
+        "--adapter-format",
+        default=None,
+        help="force the adapter format: peft, kohya, diffusion or plain (default: detect)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

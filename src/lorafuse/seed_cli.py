@@ -211,6 +211,7 @@ def merge_file(
         raise LorafuseError("--device cuda was asked for but no CUDA device is available: use --device cpu")
     dtype = parse_dtype(output_dtype)
     checkpoint, _prefix, _ = open_model(source)
+    adapter: AdapterInput | None = None
     try:
         shapes = {name: info.shape for name, info in checkpoint.infos.items()}
         adapter = read_adapter(lora, label=str(lora), weight=alpha, base_shapes=shapes)
@@ -245,6 +246,9 @@ def merge_file(
         return plan
     finally:
         checkpoint.close()
+        for targeted in adapter.edits if adapter is not None else []:
+            for ref in targeted.edit.refs():
+                ref.checkpoint.close()
 
 
 def _print_merge_statistics(
