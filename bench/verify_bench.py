@@ -12,6 +12,7 @@ to the `cp -r` time of the same repetition, with peak RSS. Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -66,7 +67,9 @@ def main() -> None:
     for name, runs in results.items():
         ratios = [t / f for (t, _, _), f in zip(runs, floor)]
         peak = max(r for _, r, _ in runs)
-        print(f"{name:16s} median {statistics.median(ratios):6.2f}  peak RSS {peak / 2**20:6.0f} MiB")
+        cpu = statistics.median(c for _, _, c in runs)
+        print(f"{name:16s} median {statistics.median(ratios):6.2f}  peak RSS {peak / 2**20:6.0f} MiB  cpu {cpu:6.1f} s")
+    print(f"1-min load average at the end: {os.getloadavg()[0]:.1f} (other work on the machine inflates the ratios)")
 
 
 if __name__ == "__main__":

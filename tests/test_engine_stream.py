@@ -121,3 +121,16 @@ def test_fp16_overflow_is_an_error(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(DtypeOverflowError, match="lin0"):
         engine.write_safetensors(plan, tmp_path / "out", "model", 1 << 40)
+
+
+def test_accelerator_branch_matches_cpu_rows(tmp_path, monkeypatch):
+    """Any device but "cpu" takes whole tensors to the device; "cpu:0" runs that branch here, without a GPU."""
+    base, adapter = _setup(tmp_path, torch.bfloat16, 2)
+    plan = _plan(base, adapter, torch.bfloat16, 2)
+    monkeypatch.setattr(engine, "ROW_BLOCK_BYTES", 40 * 4 * 20)
+    files = {}
+    for device in ("cpu", "cpu:0"):
+        out = tmp_path / device.replace(":", "_")
+        out.mkdir()
+        files[device] = out / engine.write_safetensors(plan, out, "model", 1 << 40, device=device).files[0]
+    assert files["cpu"].read_bytes() == files["cpu:0"].read_bytes()

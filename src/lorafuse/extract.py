@@ -398,7 +398,7 @@ def _extract_one(
     state: _PeftState,
 ) -> TensorResult:
     delta = tuned.get(name).to(device=settings.device, dtype=torch.float32)
-    delta.sub_(base.get(name).to(device=settings.device, dtype=torch.float32))
+    delta.sub_(base.get(name).to(settings.device))  # fp32 -= bf16 computes in fp32, without an fp32 copy
     norm = float(torch.linalg.vector_norm(delta))
     shape = tuple(binfo.shape)
     numel = delta.numel()

@@ -13,6 +13,7 @@ import torch
 
 from ..dtypes import TORCH_TO_SAFETENSORS
 from ..errors import LorafuseError
+from .splice import SpliceWriter
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.I)
 UNITS = {
@@ -41,6 +42,9 @@ def parse_size(size: str | int) -> int:
     if not match or (match.group(2) or "").upper() not in UNITS:
         raise LorafuseError(f"cannot read size {size!r}: use a number with a unit, e.g. 5GB or 500MB")
     return int(float(match.group(1)) * UNITS[(match.group(2) or "").upper()])
+
+
+SPLICE_MIN_BYTES = 64 << 10  # below this, one pwrite is cheaper than the pipe round trips
 
 
 @dataclass
@@ -116,9 +120,21 @@ class SafetensorsShardWriter:
             head = safetensors_header(shard, metadata)
             os.pwrite(fd, head, 0)
             os.ftruncate(fd, len(head) + sum(s.nbytes for s in shard))
+        try:
+            self._splice: SpliceWriter | None = SpliceWriter()
+        except OSError:
+            self._splice = None
 
     def write_bytes(self, slot: Slot, data: memoryview) -> None:
+        """Write one tensor's bytes at its offset (from one thread at a time)."""
         fd = self.fds[slot.shard]
+        if self._splice is not None and not data.readonly and len(data) >= SPLICE_MIN_BYTES:
+            try:
+                self._splice.write(fd, data, slot.offset)
+                return
+            except (OSError, TypeError, ValueError):  # refused here: rewrite the whole tensor with pwrite
+                self._splice.close()
+                self._splice = None
         done = 0
         while done < len(data):
             done += os.pwrite(fd, data[done:], slot.offset + done)
@@ -145,6 +161,9 @@ class SafetensorsShardWriter:
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()
+        if self._splice is not None:
+            self._splice.close()
+            self._splice = None
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
