@@ -1,10 +1,9 @@
 """Two adapters that each carry PEFT's saved copy of a LoRA-wrapped embedding merge like PEFT merges them."""
 
 import torch
+from helpers import input_ids, load_model, make_llama, make_peft_adapter, peft_merged
 
 import lorafuse
-
-from helpers import input_ids, load_model, make_llama, make_peft_adapter, peft_merged
 
 
 def test_second_adapters_embedding_copy_keeps_first_adapters_update(tmp_path):

@@ -156,4 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Sub-command modules register into the importable ``lorafuse.cli``, not into this ``__main__`` copy.
+    from lorafuse.cli import main as package_main
+
+    sys.exit(package_main())
