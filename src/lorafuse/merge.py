@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -24,6 +24,9 @@ from .io.output import AtomicOutput, check_output
 from .io.writer import parse_size, write_index
 from .plan import AdapterInput, MergePlan, build_plan
 from .sources import resolve_merge_inputs
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("lorafuse")
 PROVENANCE_NAME = "lorafuse_merge.json"
@@ -205,19 +208,20 @@ def merge(
 
 
 def _write(
-    plan,
-    report,
-    base_folder,
-    weight_files,
-    prefix,
-    output_path,
-    max_shard,
-    out_format,
-    device,
-    out_dtype,
-    single_file,
-    show_progress,
+    plan: MergePlan,
+    report: MergeReport,
+    base_folder: Path | None,
+    weight_files: list[Path],
+    prefix: str,
+    output_path: Path,
+    max_shard: int,
+    out_format: str,
+    device: str,
+    out_dtype: torch.dtype | None,
+    single_file: bool,
+    show_progress: bool | None,
 ) -> None:
+    """Write the merged model atomically: weights, index, the base's other files, config updates, provenance."""
     # None lets tqdm decide (shown on a terminal only).
     disable = None if show_progress is None else not show_progress
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merging", disable=disable, leave=False)
