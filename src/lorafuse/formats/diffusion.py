@@ -9,17 +9,10 @@ the same file merges into a checkpoint whose names carry it or not.
 from __future__ import annotations
 
 from ..io.checkpoint import Checkpoint
-from .lowrank import LowRankAdapter, ShapeOf, read_lowrank
+from .lowrank import UP_DOWN_DIFF_SUFFIXES, LowRankAdapter, ShapeOf, read_lowrank
 
 PREFIX = "diffusion_model."
-SUFFIXES = {
-    ".lora_up.weight": "up",
-    ".lora_down.weight": "down",
-    ".alpha": "alpha",
-    ".diff": "diff",
-    ".diff_b": "diff_b",
-    ".diff_m": "diff_m",
-}
+SUFFIXES = UP_DOWN_DIFF_SUFFIXES
 
 
 def read_diffusion(checkpoint: Checkpoint, label: str, shape_of: ShapeOf | None = None) -> LowRankAdapter:

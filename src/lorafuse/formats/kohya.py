@@ -16,17 +16,11 @@ from collections.abc import Iterable
 
 from ..errors import AdapterError, ShapeMismatchError
 from ..io.checkpoint import Checkpoint
-from .lowrank import LowRankAdapter, ShapeOf, read_lowrank
+from .lowrank import UP_DOWN_DIFF_SUFFIXES, LowRankAdapter, ShapeOf, read_lowrank
 
-SUFFIXES = {
-    ".lora_up.weight": "up",
-    ".lora_down.weight": "down",
-    ".alpha": "alpha",
-    # LyCORIS-style full differences (what `lorafuse extract --format kohya` writes for small tensors).
-    ".diff": "diff",
-    ".diff_b": "diff_b",
-    ".diff_m": "diff_m",
-}
+# kohya files use the same up/down/alpha names, plus LyCORIS-style full differences (what
+# `lorafuse extract --format kohya` writes for small tensors), as the diffusion layout.
+SUFFIXES = UP_DOWN_DIFF_SUFFIXES
 PREFIX_RE = re.compile(r"^lora_(?P<part>[A-Za-z]+\d*)_(?P<rest>.+)$")
 # Which base component a kohya prefix points at, to tell apart e.g. the two text encoders of SDXL.
 PART_HINTS = {

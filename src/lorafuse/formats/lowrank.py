@@ -18,6 +18,15 @@ from ..errors import AdapterError
 from ..io.checkpoint import Checkpoint
 
 DIFF_TARGETS = {"diff": "weight", "diff_b": "bias", "diff_m": "modulation"}
+# Tensor-name suffixes shared by the kohya and diffusion layouts, and the role of each.
+UP_DOWN_DIFF_SUFFIXES = {
+    ".lora_up.weight": "up",
+    ".lora_down.weight": "down",
+    ".alpha": "alpha",
+    ".diff": "diff",
+    ".diff_b": "diff_b",
+    ".diff_m": "diff_m",
+}
 ShapeOf = Callable[[str], "tuple[int, ...] | None"]
 
 
