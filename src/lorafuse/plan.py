@@ -246,14 +246,15 @@ def _check_values(adapters: list[AdapterInput]) -> list[str]:
         lora_count = 0
         for targeted in adapter.edits:
             edit = targeted.edit
+            plain_lora = isinstance(edit, LoraDelta) and not isinstance(edit, DoraDelta)
             for ref in edit.refs():
                 tensor = ref.load()
                 if not torch.isfinite(tensor).all():
                     raise NonFiniteError(f"{ref.file}: tensor {ref.name!r} holds NaN or Inf; the adapter is broken")
-            if isinstance(edit, LoraDelta) and not isinstance(edit, DoraDelta):
-                lora_count += 1
-                if not edit.B.load().any():
+                # Judge lora_B from the tensor already read, rather than reading it a second time.
+                if plain_lora and ref is edit.B and not tensor.any():
                     zero_modules += 1
+            lora_count += plain_lora
         if lora_count and zero_modules == lora_count:
             warnings.append(f"{adapter.label}: every lora_B is all zeros, so the adapter changes nothing")
         elif zero_modules:
