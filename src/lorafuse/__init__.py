@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+from .errors import LorafuseError
+
 __version__ = "0.1.0"
-
-from .errors import LorafuseError  # noqa: E402
-from .merge import MergeReport, merge  # noqa: E402
-
 __all__ = ["LorafuseError", "MergeReport", "merge", "__version__"]
+
+if TYPE_CHECKING:
+    from .merger import MergeReport, merge
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import torch` costs about a second, and the CLI starts writing the output before it (io/prefill.py).
+    if name in ("merge", "MergeReport"):
+        from . import merger
+
+        value = getattr(merger, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lorafuse' has no attribute {name!r}")

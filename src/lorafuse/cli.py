@@ -7,9 +7,13 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import LorafuseError
+
+if TYPE_CHECKING:
+    from .io.prefill import Prefill
 
 log = logging.getLogger("lorafuse")
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -61,10 +65,26 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
 
 @command("merge")(_merge_args)
 def run_merge(args: argparse.Namespace) -> int:
-    from .merge import merge
-    from .sources.cli_args import chosen_base_note, merge_source_kwargs, split_base
+    from .sources.cli_args import split_base
 
     base, adapters = split_base(args)
+    prefill = None
+    if not args.dry_run and args.out_format == "safetensors" and args.dtype == "auto" and base is not None:
+        # Before `import torch` (in merger.py): copy the base into the output meanwhile (io/prefill.py).
+        from .io.prefill import speculate
+
+        prefill = speculate(base, args.output, args.max_shard_size, args.overwrite)
+    try:
+        return _merge_and_report(args, base, adapters, prefill)
+    finally:
+        if prefill is not None:
+            prefill.discard()
+
+
+def _merge_and_report(args: argparse.Namespace, base: str | None, adapters: list[str], prefill: Prefill | None) -> int:
+    from .merger import merge
+    from .sources.cli_args import chosen_base_note, merge_source_kwargs
+
     report = merge(
         base,
         adapters,
@@ -77,6 +97,7 @@ def run_merge(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         overwrite=args.overwrite,
         adapter_format=args.adapter_format,
+        prefill=prefill,
         **merge_source_kwargs(args),
     )
     if chosen_base_note(report):

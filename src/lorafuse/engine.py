@@ -11,9 +11,11 @@ the writer thread drains a short queue. With ``device="cuda"`` each touched tens
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +24,9 @@ import torch
 
 from .edits import DoraDelta, LoraDelta
 from .errors import DtypeOverflowError, LorafuseError, NonFiniteError
+from .io.prefill import Prefill
 from .io.safetensors_file import TensorInfo, pread_into
-from .io.writer import SafetensorsShardWriter, Slot, layout_shards, shard_names, tensor_bytes
+from .io.writer import SafetensorsShardWriter, Slot, layout_shards, safetensors_header, shard_names, tensor_bytes
 from .plan import MergePlan, OutputTensor
 
 QUEUE_DEPTH = 4
@@ -36,6 +39,10 @@ ROW_BLOCK_BYTES = 4 << 20
 MIN_BLOCK_ROWS = 16
 # Pooled output buffers above this size are used once and freed, so one huge tensor does not pin memory.
 POOL_MAX_BYTES = 256 << 20
+# Bytes of merged tensors computed but not yet written (one tensor may exceed it, alone).
+IN_FLIGHT_BYTES = 256 << 20
+# Threads merging LoRA-only tensors side by side (torch ops release the GIL; each op runs on one thread).
+MATH_THREADS = max(1, min(4, os.cpu_count() or 1))
 _FINITE_LIMIT = {torch.float16: torch.finfo(torch.float16).max, torch.bfloat16: torch.finfo(torch.bfloat16).max}
 
 
@@ -133,21 +140,42 @@ def _lora_only(out: OutputTensor, info: TensorInfo) -> bool:
 
 
 class _BufferPool:
-    """Byte buffers passed to the writer thread and back: fresh buffers per tensor cost page faults."""
+    """Output byte buffers passed to the writer thread and back, within a budget of bytes in flight.
 
-    def __init__(self, count: int):
-        self._free: queue.Queue[torch.Tensor] = queue.Queue()
-        for _ in range(count):
-            self._free.put(torch.empty(0, dtype=torch.uint8))
+    Fresh buffers per tensor would cost page faults, and a budget (rather than a count) keeps peak memory flat
+    whatever the size of the model's largest tensors.
+    """
+
+    def __init__(self, budget: int):
+        self._budget = budget
+        self._held = 0
+        self._charged: dict[int, int] = {}
+        self._free: list[torch.Tensor] = []
+        self._cond = threading.Condition()
 
     def acquire(self, nbytes: int) -> torch.Tensor:
-        buf = self._free.get()  # blocks while the writer holds every buffer
-        if buf.numel() < nbytes:
+        """A buffer of at least ``nbytes``; blocks while the bytes in flight would exceed the budget."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._held == 0 or self._held + nbytes <= self._budget)
+            self._held += nbytes
+            # The smallest free buffer that fits (by position: tensors do not compare with ==).
+            fitting = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            buf = self._free.pop(min(fitting, key=lambda i: self._free[i].numel())) if fitting else None
+        if buf is None:
             buf = torch.empty(nbytes, dtype=torch.uint8)
+        with self._cond:
+            self._charged[id(buf)] = nbytes
         return buf
 
     def release(self, buf: torch.Tensor) -> None:
-        self._free.put(buf if buf.numel() <= POOL_MAX_BYTES else torch.empty(0, dtype=torch.uint8))
+        with self._cond:
+            self._held -= self._charged.pop(id(buf))
+            if buf.numel() <= POOL_MAX_BYTES:
+                self._free.append(buf)
+                self._free.sort(key=torch.Tensor.numel)
+                while sum(b.numel() for b in self._free) > self._budget:
+                    self._free.pop(0)
+            self._cond.notify_all()
 
 
 class _RowMerger:
@@ -221,8 +249,13 @@ def write_safetensors(
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
     single_file: Path | None = None,
+    prefill: Prefill | None = None,
 ) -> WrittenModel:
-    """Stream the plan into sharded safetensors in ``folder`` (or one file at ``single_file``)."""
+    """Stream the plan into sharded safetensors in ``folder`` (or one file at ``single_file``).
+
+    ``prefill`` (io/prefill.py) is the CLI's early copy of the base into ``folder``: used when its layout is this
+    plan's, else stopped and its files removed first.
+    """
     slots = _slots(plan)
     shards = layout_shards(slots, max_shard_size if single_file is None else 1 << 62)
     if single_file is not None:
@@ -230,14 +263,56 @@ def write_safetensors(
         folder = single_file.parent
     else:
         names = shard_names(prefix, len(shards), ".safetensors")
-    writer = SafetensorsShardWriter(folder, shards, names)
+    if prefill is not None:
+        same = single_file is None and prefill.tmp == folder
+        if not (same and prefill.matches(names, [safetensors_header(shard) for shard in shards])):
+            prefill.cancel()
+            prefill = None
+    try:
+        _stream(plan, folder, shards, names, slots, device, progress, prefill)
+    except BaseException:
+        if prefill is not None:
+            prefill.cancel()
+        raise
+    return WrittenModel(
+        names,
+        None if len(names) == 1 else f"{prefix}.safetensors.index.json",
+        {s.name: s for s in slots},
+        sum(s.nbytes for s in slots),
+    )
+
+
+def _stream(
+    plan: MergePlan,
+    folder: Path,
+    shards: list[list[Slot]],
+    names: list[str],
+    slots: list[Slot],
+    device: str,
+    progress: Callable[[int], None] | None,
+    prefill: Prefill | None,
+) -> None:
+    writer = SafetensorsShardWriter(folder, shards, names, existing=prefill is not None)
     by_name = {s.name: s for s in slots}
     jobs: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
-    # Enough buffers for a full queue, one per writer and one being filled: acquire never waits forever.
-    pool = _BufferPool(QUEUE_DEPTH + WRITER_THREADS + 1)
-    merger = _RowMerger(plan, device)
+    pool = _BufferPool(IN_FLIGHT_BYTES)
+    mergers = threading.local()  # one _RowMerger (input buffer, fp32 scratch) per math thread
     failure: list[BaseException] = []
     progress_lock = threading.Lock()
+
+    def merge_job(out: OutputTensor, info: TensorInfo, slot: Slot, buf: torch.Tensor) -> None:
+        try:
+            if failure:
+                pool.release(buf)
+                return
+            if not hasattr(mergers, "merger"):
+                mergers.merger = _RowMerger(plan, device)
+            mergers.merger.merge_into(out, info, buf)
+        except BaseException as exc:
+            pool.release(buf)
+            failure.append(exc)
+            return
+        jobs.put(("pooled", slot, buf))
 
     def drain() -> None:
         while True:
@@ -248,7 +323,11 @@ def write_safetensors(
             try:
                 if failure:
                     continue
-                if kind == "copy":
+                if prefill is not None:  # the prefill must not copy base bytes over what is written here
+                    prefill.wait_for(slot.name)
+                if kind == "prefilled":
+                    pass
+                elif kind == "copy":
                     fd, offset = payload
                     writer.copy_range(slot, fd, offset)
                 elif kind == "pooled":
@@ -267,6 +346,8 @@ def write_safetensors(
     threads = [threading.Thread(target=drain, name=f"lorafuse-writer-{i}", daemon=True) for i in range(WRITER_THREADS)]
     for thread in threads:
         thread.start()
+    # An accelerator merges whole tensors, one at a time.
+    math_pool = ThreadPoolExecutor(MATH_THREADS, "lorafuse-math") if device == "cpu" and MATH_THREADS > 1 else None
     try:
         for out in plan.tensors:
             if failure:
@@ -274,21 +355,24 @@ def write_safetensors(
             slot = by_name[out.name]
             info = plan.base.infos[out.source]
             if not out.edits and out.dequant is None and out.dtype == info.dtype and info.offset >= 0:
-                jobs.put(("copy", slot, (plan.base.fd(info.path), info.offset)))
+                if prefill is not None and prefill.holds(slot.name, info.path, info.offset):
+                    jobs.put(("prefilled", slot, None))
+                else:
+                    jobs.put(("copy", slot, (plan.base.fd(info.path), info.offset)))
             elif _lora_only(out, info):
-                buf = pool.acquire(out.nbytes)
-                try:
-                    merger.merge_into(out, info, buf)
-                except BaseException:
-                    pool.release(buf)
-                    raise
-                jobs.put(("pooled", slot, buf))
+                buf = pool.acquire(out.nbytes)  # here, so that waiting for memory holds back the loop
+                if math_pool is not None:
+                    math_pool.submit(merge_job, out, info, slot, buf)
+                else:
+                    merge_job(out, info, slot, buf)
             else:
                 jobs.put(("data", slot, compute_tensor(plan, out, device)))
     except BaseException as exc:
         failure.append(exc)  # the writers skip what is still queued
         raise
     finally:
+        if math_pool is not None:
+            math_pool.shutdown(wait=True)  # its jobs reach the queue before the stop marks
         for _ in threads:
             jobs.put(None)  # one stop mark per writer
         for thread in threads:
@@ -296,10 +380,11 @@ def write_safetensors(
         writer.close()
     if failure:
         exc = failure[0]
-        raise exc if isinstance(exc, LorafuseError) else LorafuseError(f"writing the merged model failed: {exc}")
-    return WrittenModel(
-        names, None if len(names) == 1 else f"{prefix}.safetensors.index.json", by_name, sum(s.nbytes for s in slots)
-    )
+        if isinstance(exc, (LorafuseError, KeyboardInterrupt)):
+            raise exc
+        raise LorafuseError(f"writing the merged model failed: {exc}") from exc
+    if prefill is not None:
+        prefill.finish()
 
 
 def write_bin(

@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from .cli import command, human_bytes
-from .extract import EXTRACT_FORMATS, ExtractReport
+
+if TYPE_CHECKING:
+    from .extract import ExtractReport
+
+# The names extract.EXTRACT_FORMATS accepts, repeated here so that building the CLI does not import torch
+# (tests/test_merge_prefill.py checks that the two agree).
+EXTRACT_FORMATS = ("peft", "diffusion", "kohya")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -108,7 +108,7 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .merge import merge
+    from .merger import merge
     from .sources import parse_source
 
     if not args.adapter_repo_url:

@@ -32,17 +32,21 @@ def check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:
 class AtomicOutput:
     """A temporary sibling of ``final`` that becomes ``final`` on :meth:`commit`."""
 
-    def __init__(self, final: Path, is_dir: bool = True):
+    def __init__(self, final: Path, is_dir: bool = True, adopt: bool = False):
+        """``adopt``: keep a temporary folder this process already started (the CLI's prefill, prefill.py)."""
         self.final = Path(final).absolute()
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.is_dir = is_dir
         self.tmp = self.final.parent / f".{self.final.name}.lorafuse-tmp-{os.getpid()}"
-        self._remove(self.tmp)
+        if adopt and is_dir and self.tmp.is_dir() and not self.tmp.is_symlink():
+            return
+        self.remove(self.tmp)
         if is_dir:
             self.tmp.mkdir()
 
     @staticmethod
-    def _remove(path: Path) -> None:
+    def remove(path: Path) -> None:
+        """Remove a file or folder tree (a symlink itself, never its target)."""
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
@@ -53,15 +57,15 @@ class AtomicOutput:
         old = None
         if self.final.exists() or self.final.is_symlink():
             old = self.final.parent / f".{self.final.name}.lorafuse-old-{os.getpid()}"
-            self._remove(old)
+            self.remove(old)
             os.replace(self.final, old)
         os.replace(self.tmp, self.final)
         if old is not None:
-            self._remove(old)
+            self.remove(old)
         return self.final
 
     def abort(self) -> None:
-        self._remove(self.tmp)
+        self.remove(self.tmp)
 
     def __enter__(self) -> AtomicOutput:
         return self

@@ -2,122 +2,49 @@
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..dtypes import TORCH_TO_SAFETENSORS
 from ..errors import LorafuseError
+from .layout import Slot, layout_shards, parse_size, shard_names, write_index
+from .layout import safetensors_header as layout_header
 from .splice import SpliceWriter
 
-SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.I)
-UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-    "K": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-    "T": 10**12,
-}
-
-
-def parse_size(size: str | int) -> int:
-    """'5GB' -> 5_000_000_000 (as transformers reads max_shard_size); ints pass through."""
-    if isinstance(size, int):
-        return size
-    match = SIZE_RE.match(str(size))
-    if not match or (match.group(2) or "").upper() not in UNITS:
-        raise LorafuseError(f"cannot read size {size!r}: use a number with a unit, e.g. 5GB or 500MB")
-    return int(float(match.group(1)) * UNITS[(match.group(2) or "").upper()])
-
+__all__ = ["SafetensorsShardWriter", "Slot", "layout_shards", "parse_size", "safetensors_header", "shard_names"]
+__all__ += ["tensor_bytes", "write_index"]
 
 SPLICE_MIN_BYTES = 64 << 10  # below this, one pwrite is cheaper than the pipe round trips
 
 
-@dataclass
-class Slot:
-    """Where one output tensor goes."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    nbytes: int
-    shard: int = 0
-    offset: int = 0  # absolute offset in the shard file (safetensors)
-
-
-def layout_shards(slots: list[Slot], max_shard_size: int) -> list[list[Slot]]:
-    """Greedy sharding in order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[list[Slot]] = [[]]
-    size = 0
-    for slot in slots:
-        if shards[-1] and size + slot.nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(slot)
-        size += slot.nbytes
-        slot.shard = len(shards) - 1
-    return shards
-
-
-def shard_names(prefix: str, count: int, suffix: str) -> list[str]:
-    if count == 1:
-        return [f"{prefix}{suffix}"]
-    return [f"{prefix}-{i + 1:05d}-of-{count:05d}{suffix}" for i in range(count)]
-
-
 def safetensors_header(slots: list[Slot], metadata: dict[str, str] | None = None) -> bytes:
-    """Header bytes (length prefix + JSON padded to 8 bytes) for tensors written in the given order."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    offset = 0
-    for slot in slots:
-        header[slot.name] = {
-            "dtype": TORCH_TO_SAFETENSORS[slot.dtype],
-            "shape": list(slot.shape),
-            "data_offsets": [offset, offset + slot.nbytes],
-        }
-        offset += slot.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    head = struct.pack("<Q", len(raw)) + raw
-    for slot, entry in zip(slots, (header[s.name] for s in slots)):
-        slot.offset = len(head) + entry["data_offsets"][0]  # type: ignore[index]
-    return head
-
-
-def write_index(path: Path, slots: list[Slot], names: list[str], metadata: dict | None = None) -> None:
-    """A transformers-style ``*.index.json`` mapping every tensor to its shard file."""
-    total = sum(s.nbytes for s in slots)
-    weight_map = {s.name: names[s.shard] for s in slots}
-    body = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": dict(sorted(weight_map.items()))}
-    path.write_text(json.dumps(body, indent=2) + "\n")
+    """Header bytes for slots whose dtypes are torch dtypes."""
+    return layout_header(slots, metadata, TORCH_TO_SAFETENSORS.__getitem__)
 
 
 class SafetensorsShardWriter:
     """Writes pre-laid-out safetensors shards: headers at open, then each tensor at its offset."""
 
     def __init__(
-        self, folder: Path, shards: list[list[Slot]], names: list[str], metadata: dict[str, str] | None = None
+        self,
+        folder: Path,
+        shards: list[list[Slot]],
+        names: list[str],
+        metadata: dict[str, str] | None = None,
+        existing: bool = False,
     ):
+        """``existing``: the files already hold exactly these headers and sizes (a prefill wrote them)."""
         self.paths = [folder / n for n in names]
         self.fds: list[int] = []
         for path, shard in zip(self.paths, shards):
+            head = safetensors_header(shard, metadata)
+            if existing:
+                self.fds.append(os.open(path, os.O_WRONLY))
+                continue
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self.fds.append(fd)
-            head = safetensors_header(shard, metadata)
             os.pwrite(fd, head, 0)
             os.ftruncate(fd, len(head) + sum(s.nbytes for s in shard))
         try:

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import SourceError
-from ..io.safetensors_file import is_lfs_pointer
+from ..io.safetensors_header import is_lfs_pointer
 
 log = logging.getLogger("lorafuse")
 

@@ -1,4 +1,4 @@
-"""``lorafuse.merge``: fold adapters into a base model, streaming, and write a complete model folder."""
+"""`lorafuse.merge()`: fold adapters into a base model, streaming, and write a complete model folder."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from .formats import read_adapter
 from .io.checkpoint import open_model
 from .io.extra_files import copy_extra_files, read_json, update_config
 from .io.output import AtomicOutput, check_output
+from .io.prefill import Prefill
 from .io.writer import parse_size, write_index
 from .plan import AdapterInput, MergePlan, build_plan
 from .sources import resolve_merge_inputs
@@ -99,6 +100,7 @@ def merge(
     base_revision: str | None = None,
     work_dir: str | Path | None = None,
     default_hub: str = "hf",
+    prefill: Prefill | None = None,
 ) -> MergeReport:
     """Merge ``adapters`` (in order, each scaled by its weight) into ``base`` and write the result to ``output``.
 
@@ -110,6 +112,8 @@ def merge(
     (``default_hub`` decides which hub) or a git URL; ``base=None`` takes the base named by the first adapter's
     ``adapter_config.json``. ``adapter_ref``/``adapter_subfolder``/``adapter_config``, ``cache_dir``,
     ``base_revision`` and ``work_dir`` are described in :func:`lorafuse.sources.resolve_merge_inputs`.
+    ``prefill`` is the CLI's early copy of the base into the output (:func:`lorafuse.io.prefill.speculate`); the
+    caller discards it afterwards.
     """
     started = time.perf_counter()
     adapter_paths = list(adapters)  # local paths once the sources are resolved below
@@ -195,6 +199,7 @@ def merge(
             out_dtype,
             single_file,
             show_progress,
+            prefill,
         )
     finally:
         sources.cleanup()
@@ -220,6 +225,7 @@ def _write(
     out_dtype: torch.dtype | None,
     single_file: bool,
     show_progress: bool | None,
+    prefill: Prefill | None = None,
 ) -> None:
     """Write the merged model atomically: weights, index, the base's other files, config updates, provenance."""
     # None lets tqdm decide (shown on a terminal only).
@@ -231,9 +237,14 @@ def _write(
                 write_safetensors(plan, out.tmp.parent, prefix, max_shard, device, bar.update, single_file=out.tmp)
                 out.commit()
             return
-        with AtomicOutput(output_path) as out:
-            writer = write_bin if out_format == "bin" else write_safetensors
-            written = writer(plan, out.tmp, prefix, max_shard, device, bar.update)
+        if prefill is not None and out_format != "safetensors":
+            prefill.cancel()
+            prefill = None
+        with AtomicOutput(output_path, adopt=prefill is not None) as out:
+            if out_format == "bin":
+                written = write_bin(plan, out.tmp, prefix, max_shard, device, bar.update)
+            else:
+                written = write_safetensors(plan, out.tmp, prefix, max_shard, device, bar.update, prefill=prefill)
             if written.index_name:
                 write_index(out.tmp / written.index_name, list(written.slots.values()), written.files)
             report.files = written.files + ([written.index_name] if written.index_name else [])

@@ -1,0 +1,194 @@
+"""Start writing the merged model before ``import torch``: every base tensor's bytes copied to its output place.
+
+Where the time goes on a small machine: ``import torch`` costs about a second, and filling fresh page cache with
+the output costs about what ``cp -r`` of the model costs, while overwriting pages that already exist is several
+times cheaper. So ``lorafuse merge`` (the CLI) guesses the output layout from the base's headers alone (dtype
+auto: the output holds the base's tensors in the base's order), creates the merge's temporary output folder and,
+in a background thread, copies every base tensor to its output offset with ``copy_file_range`` while the main
+thread imports torch and reads the adapters. The engine (engine.py) then compares its real layout with the guess:
+when the shard names and header bytes are identical, untouched tensors are already in place and merged tensors
+overwrite their pages once the prefill has passed them; otherwise the prefill is stopped and its files removed
+before the engine writes. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from ..errors import LorafuseError
+from .layout import Slot, layout_shards, parse_size, safetensors_header, shard_names
+from .model_files import find_model_weights
+from .output import AtomicOutput, check_output
+from .safetensors_header import read_raw_header
+
+COPY_CHUNK = 128 << 20  # bytes per copy_file_range call: the cancel flag is checked between calls
+
+
+def file_id(path: Path | str) -> tuple[int, int]:
+    """(device, inode) of a file: the same file whatever path names it."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+class Prefill:
+    """A background copy of base tensor bytes into the shards of a guessed output layout.
+
+    ``names[i]`` is the file name of shard ``i`` and ``headers[i]`` its exact header bytes; ``slots`` lists every
+    tensor in output order with its shard and absolute offset; ``sources`` maps a tensor name to the (file id,
+    offset) of the base bytes copied into its slot.
+    """
+
+    def __init__(
+        self,
+        tmp: Path,
+        names: list[str],
+        headers: list[bytes],
+        slots: list[Slot],
+        sources: dict[str, tuple[Path, int]],
+    ):
+        self.tmp = tmp
+        self.names = names
+        self.headers = headers
+        self.slots = slots
+        self._sources = sources
+        self._file_ids = {path: file_id(path) for path, _ in sources.values()}
+        self._order = {slot.name: i for i, slot in enumerate(slots)}
+        self.used = False  # set when the engine adopted the files
+        self._done = 0  # slots[:_done] are copied
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._created: list[Path] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="lorafuse-prefill", daemon=True)
+
+    def start(self) -> Prefill:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        fds: list[int] = []
+        sources: dict[Path, int] = {}
+        try:
+            for name, head, shard_slots in zip(self.names, self.headers, self._by_shard()):
+                path = self.tmp / name
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._created.append(path)
+                fds.append(fd)
+                os.pwrite(fd, head, 0)
+                os.ftruncate(fd, len(head) + sum(s.nbytes for s in shard_slots))
+            for i, slot in enumerate(self.slots):
+                src_path, src_offset = self._sources[slot.name]
+                if src_path not in sources:
+                    sources[src_path] = os.open(src_path, os.O_RDONLY)
+                if not self._copy(sources[src_path], src_offset, fds[slot.shard], slot.offset, slot.nbytes):
+                    return  # cancelled
+                with self._cond:
+                    self._done = i + 1
+                    self._cond.notify_all()
+        except BaseException as exc:  # reported by wait_for / finish on the engine's thread
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+        finally:
+            for fd in [*fds, *sources.values()]:
+                os.close(fd)
+
+    def _by_shard(self) -> list[list[Slot]]:
+        shards: list[list[Slot]] = [[] for _ in self.names]
+        for slot in self.slots:
+            shards[slot.shard].append(slot)
+        return shards
+
+    def _copy(self, src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int) -> bool:
+        done = 0
+        while done < nbytes:
+            if self._cancelled:
+                return False
+            size = min(COPY_CHUNK, nbytes - done)
+            try:
+                n = os.copy_file_range(src, dst, size, src_offset + done, dst_offset + done)
+            except OSError:
+                n = 0
+            if n <= 0:  # not supported here (e.g. across file systems): plain read and write
+                chunk = os.pread(src, size, src_offset + done)
+                if not chunk:
+                    raise LorafuseError("a base weight file ended early while it was being copied")
+                n = os.pwrite(dst, chunk, dst_offset + done)
+            done += n
+        return True
+
+    def matches(self, names: list[str], headers: list[bytes]) -> bool:
+        """True when the engine's shard names and header bytes are exactly the guessed ones."""
+        self.used = names == self.names and headers == self.headers
+        return self.used
+
+    def holds(self, name: str, path: Path | str, offset: int) -> bool:
+        """True when the slot of ``name`` receives the base bytes at ``offset`` of ``path``."""
+        source = self._sources.get(name)
+        return source is not None and source[1] == offset and self._file_ids[source[0]] == file_id(path)
+
+    def wait_for(self, name: str) -> None:
+        """Block until the slot of ``name`` is copied, so that writing it afterwards is not overwritten."""
+        index = self._order[name]
+        with self._cond:
+            self._cond.wait_for(lambda: self._done > index or self._error is not None)
+        self._raise()
+
+    def finish(self) -> None:
+        """Wait for the whole copy; its failure (disk full, I/O error) is raised here."""
+        self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            exc = self._error
+            raise exc if isinstance(exc, LorafuseError) else LorafuseError(f"writing the output failed: {exc}")
+
+    def cancel(self) -> None:
+        """Stop copying and remove the files written so far (the temporary folder stays)."""
+        self._cancelled = True
+        if self._thread.is_alive() or self._thread.ident is not None:
+            self._thread.join()
+        for path in self._created:
+            path.unlink(missing_ok=True)
+        self._created.clear()
+
+    def discard(self) -> None:
+        """Stop and remove the temporary folder if the merge did not turn it into the output."""
+        self.cancel()
+        if self.tmp.is_dir():
+            AtomicOutput.remove(self.tmp)
+
+
+def speculate(base: str | Path, output: str | Path, max_shard_size: str | int, overwrite: bool) -> Prefill | None:
+    """Start a prefill for merging into ``output`` from the base model folder ``base``; None when it cannot apply.
+
+    Never raises for bad input: the merge itself reports it. Applies to local folders of safetensors shards only.
+    """
+    try:
+        base_dir = Path(base)
+        if not base_dir.is_dir():
+            return None
+        output = Path(output)
+        check_output(output, overwrite, [base_dir])
+        files, prefix, _index = find_model_weights(base_dir)
+        if not files or any(f.suffix != ".safetensors" for f in files):
+            return None
+        slots: list[Slot] = []
+        sources: dict[str, tuple[Path, int]] = {}
+        for path in files:
+            entries, _metadata = read_raw_header(path)
+            for entry in entries:
+                if entry.name in sources:
+                    return None  # a duplicate tensor: the merge reports it
+                slots.append(Slot(entry.name, entry.dtype, entry.shape, entry.nbytes))
+                sources[entry.name] = (path, entry.offset)
+        shards = layout_shards(slots, parse_size(max_shard_size))
+        names = shard_names(prefix, len(shards), ".safetensors")
+        headers = [safetensors_header(shard) for shard in shards]
+        tmp = AtomicOutput(output).tmp  # the folder the merge will write into (it adopts it)
+        return Prefill(tmp, names, headers, slots, sources).start()
+    except (LorafuseError, OSError, ValueError):
+        return None
