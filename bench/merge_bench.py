@@ -187,11 +187,17 @@ sys.exit(code)
 """
 
 
-def run_measured(cmd: list[str]) -> tuple[float, int, float]:
-    """Run ``cmd``; (wall seconds, peak RSS in bytes, CPU seconds) of the command alone."""
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, float]:
+    """Run ``cmd`` (with ``env`` added to the environment); (wall s, peak RSS in bytes, CPU s) of the command alone."""
     os.sync()  # flush the previous output's dirty pages outside the timing
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-S", "-c", WRAPPER, *cmd], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", WRAPPER, *cmd],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
@@ -204,6 +210,9 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=1, help="multiply the number of layers (2: twice the model)")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions of each command (alternating)")
     parser.add_argument("--skip-peft", action="store_true", help="do not run PEFT (slow, needs ~4 GB per scale)")
+    parser.add_argument(
+        "--variants", action="store_true", help="also run lorafuse without its prefill and with one math thread"
+    )
     args = parser.parse_args()
 
     base, adapter = ensure_models(args.scale)
@@ -213,6 +222,10 @@ def main() -> None:
         "cp -r": ["cp", "-r", str(base), str(out)],
         "lorafuse": [lorafuse, "merge", str(base), str(adapter), "-o", str(out)],
     }
+    envs = {"no-prefill": {"LORAFUSE_PREFILL": "0"}, "1-math": {"LORAFUSE_MATH_THREADS": "1"}}
+    if args.variants:
+        for name in envs:
+            commands[name] = commands["lorafuse"]
     if not args.skip_peft:
         commands["peft"] = [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
@@ -224,7 +237,7 @@ def main() -> None:
         for name, cmd in commands.items():
             if out.exists():
                 shutil.rmtree(out)
-            results[name].append(run_measured(cmd))
+            results[name].append(run_measured(cmd, envs.get(name)))
             seconds, rss, cpu = results[name][-1]
             print(f"  rep {rep + 1} {name:9s} {seconds:7.2f} s  cpu {cpu:6.2f} s  peak RSS {rss / 2**20:6.0f} MiB")
     shutil.rmtree(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import lorafuse
 from lorafuse.cli import main
 from lorafuse.errors import LorafuseError
-from lorafuse.extract import extract, low_rank
+from lorafuse.extract import AUTO_TOLERANCE, extract, low_rank, predicted_excess
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 
@@ -156,6 +157,73 @@ def test_randomized_svd_is_within_one_percent_of_optimal():
         err = (matrix - f.up @ f.down).norm()
         assert f.up.shape == (300, 16) and f.down.shape == (16, 200)
         assert err <= 1.01 * optimal
+
+
+def planted_bf16_delta(m: int, n: int, r: int, seed: int = 0) -> torch.Tensor:
+    """tuned - base for a bf16 base plus a rank-``r`` change, the sum rounded to bf16 (a merged LoRA)."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(m, n, generator=g) * 0.02).bfloat16()
+    change = (torch.randn(m, r, generator=g) * 0.02) @ (torch.randn(r, n, generator=g) / n**0.5)
+    return (base.float() + change).bfloat16().float() - base.float()
+
+
+def optimal_error(matrix: torch.Tensor, rank: int) -> float:
+    return float(torch.linalg.svdvals(matrix)[rank:].square().sum().sqrt())  # Eckart-Young
+
+
+def test_auto_power_iterations_stop_early_on_a_planted_low_rank_delta():
+    delta = planted_bf16_delta(512, 256, 8)
+    auto = low_rank(delta, 8, seed=1)  # the bf16 rounding noise is far below the planted singular values
+    assert auto.passes == 3  # sketch, B = Q^T A, then A P: half a power iteration
+    assert low_rank(delta, 8, seed=1, power_iters=2).passes == 6
+    assert (delta - auto.up @ auto.down).norm() <= 1.01 * optimal_error(delta, 8)
+    # A higher rank must also pick the best noise directions, among a flat spectrum: auto iterates.
+    higher = low_rank(delta, 12, seed=1)
+    assert higher.passes > 3
+    assert (delta - higher.up @ higher.down).norm() <= 1.01 * optimal_error(delta, 12)
+    # No power iteration at all is far from optimal even here: the noise tail leaks into the sketch.
+    plain = low_rank(delta, 8, seed=1, power_iters=0)
+    assert plain.passes == 2
+    assert (delta - plain.up @ plain.down).norm() > 1.1 * optimal_error(delta, 8)
+
+
+def test_auto_power_iterations_reach_one_percent_of_optimal_on_a_slowly_decaying_spectrum():
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(512, 256, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(256, 256, generator=g))
+    matrix = (u / torch.arange(1, 257, dtype=torch.float32) ** 0.5) @ v.T
+    optimal = optimal_error(matrix, 16)
+    assert (matrix - (lambda f: f.up @ f.down)(low_rank(matrix, 16, power_iters=0))).norm() > 1.05 * optimal
+    for seed in range(3):
+        f = low_rank(matrix, 16, seed=seed)
+        assert f.passes == 6  # no gap: auto runs the most iterations it allows
+        assert (matrix - f.up @ f.down).norm() <= 1.01 * optimal
+
+
+def test_predicted_excess_follows_the_spectral_gap():
+    gap = torch.tensor([10.0] * 4 + [0.01] * 4)
+    flat = torch.tensor([1.0] * 8)
+    assert predicted_excess(gap, 4, 4, 1) == pytest.approx(4 / 3)  # no power iteration: k / (p - 1), any spectrum
+    assert predicted_excess(gap, 4, 4, 2) == pytest.approx(4 * 1e-6 * (1 - 1e-6) / 3)
+    assert predicted_excess(flat, 4, 4, 5) > AUTO_TOLERANCE
+    assert predicted_excess(gap, 4, 1, 3) == math.inf  # too little oversampling to judge
+
+
+@pytest.mark.parametrize(("value", "passes"), [("0", {2}), ("2", {6}), ("auto", {3, 4, 5, 6})])
+def test_cli_power_iters(llama_untied, tmp_path, capsys, value, passes):
+    tuned = make_tuned(llama_untied, tmp_path / "tuned", full_rank_change)
+    args = ["extract", str(llama_untied), str(tuned), "-o", str(tmp_path / "ex"), "--rank", "4", "--min-params", "0"]
+    assert main([*args, "--power-iters", value, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {t["passes"] for t in data["tensors"] if t["kind"] == "lora"} <= passes
+
+
+def test_cli_refuses_a_bad_power_iters(llama_untied, tmp_path):
+    args = ["extract", str(llama_untied), str(llama_untied), "-o", str(tmp_path / "ex"), "--power-iters", "-1"]
+    with pytest.raises(SystemExit):
+        main(args)
+    with pytest.raises(LorafuseError, match="power-iters"):
+        extract(llama_untied, llama_untied, tmp_path / "ex", power_iters="often")
 
 
 def test_unchanged_tied_and_mismatched_tensors(tmp_path):

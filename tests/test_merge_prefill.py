@@ -131,3 +131,14 @@ def test_buffer_pool_waits_for_its_budget():
     big = pool.acquire(500)  # alone, a buffer may exceed the budget
     assert big.numel() >= 500 and big.dtype == torch.uint8
     pool.release(big)
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_math_threads_write_the_same_bytes(llama_untied, adapter, tmp_path, monkeypatch, threads):
+    """Several math threads finish tensors out of order; the files must not depend on it (CI has 2 cores: forced)."""
+    monkeypatch.setenv("LORAFUSE_MATH_THREADS", "1")
+    lorafuse.merge(llama_untied, [adapter], tmp_path / "one", max_shard_size="60KB")
+    monkeypatch.setenv("LORAFUSE_MATH_THREADS", threads)
+    code = main(["merge", str(llama_untied), str(adapter), "-o", str(tmp_path / "many"), "--max-shard-size", "60KB"])
+    assert code == 0
+    assert _weight_bytes(tmp_path / "many") == _weight_bytes(tmp_path / "one")

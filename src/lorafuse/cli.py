@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -69,7 +70,8 @@ def run_merge(args: argparse.Namespace) -> int:
 
     base, adapters = split_base(args)
     prefill = None
-    if not args.dry_run and args.out_format == "safetensors" and args.dtype == "auto" and base is not None:
+    wanted = os.environ.get("LORAFUSE_PREFILL", "1") != "0"  # LORAFUSE_PREFILL=0 turns it off
+    if wanted and not args.dry_run and args.out_format == "safetensors" and args.dtype == "auto" and base is not None:
         # Before `import torch` (in merger.py): copy the base into the output meanwhile (io/prefill.py).
         from .io.prefill import speculate
 

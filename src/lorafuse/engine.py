@@ -41,8 +41,19 @@ MIN_BLOCK_ROWS = 16
 POOL_MAX_BYTES = 256 << 20
 # Bytes of merged tensors computed but not yet written (one tensor may exceed it, alone).
 IN_FLIGHT_BYTES = 256 << 20
-# Threads merging LoRA-only tensors side by side (torch ops release the GIL; each op runs on one thread).
-MATH_THREADS = max(1, min(4, os.cpu_count() or 1))
+# Threads merging LoRA-only tensors side by side (torch ops release the GIL; each op runs on one thread): half the
+# cores, up to 4, as the other half serves the writer thread, the prefill and the kernel's page-cache copies (on 2
+# cores a second math thread cost 30% more CPU time and was slower, bench/merge_bench.py --variants).
+# LORAFUSE_MATH_THREADS overrides.
+MATH_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+def math_threads() -> int:
+    """How many threads merge LoRA-only tensors: LORAFUSE_MATH_THREADS, else half the cores, up to 4."""
+    value = os.environ.get("LORAFUSE_MATH_THREADS", "")
+    return max(1, int(value)) if value.isdigit() else MATH_THREADS
+
+
 _FINITE_LIMIT = {torch.float16: torch.finfo(torch.float16).max, torch.bfloat16: torch.finfo(torch.bfloat16).max}
 
 
@@ -347,7 +358,8 @@ def _stream(
     for thread in threads:
         thread.start()
     # An accelerator merges whole tensors, one at a time.
-    math_pool = ThreadPoolExecutor(MATH_THREADS, "lorafuse-math") if device == "cpu" and MATH_THREADS > 1 else None
+    workers = math_threads() if device == "cpu" else 1
+    math_pool = ThreadPoolExecutor(workers, "lorafuse-math") if workers > 1 else None
     try:
         for out in plan.tensors:
             if failure:

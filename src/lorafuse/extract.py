@@ -41,7 +41,9 @@ PEFT_PREFIX = "base_model.model."
 DIFFUSION_PREFIX = "diffusion_model."
 KOHYA_PREFIX = "lora_unet_"
 DIFF_SUFFIX = {"weight": "diff", "bias": "diff_b", "modulation": "diff_m"}
-COMPARE_CHUNK = 32 << 20
+COMPARE_CHUNK = 32 << 20  # tensors up to this size are read whole, once, for the comparison and the difference
+DIFF_SLICE = 1 << 20  # elements of the base converted to fp32 at a time
+FIRST_CHUNK = 1 << 20  # larger ones are compared in chunks, the first one small: a changed tensor differs early
 
 
 @dataclass
@@ -55,6 +57,7 @@ class TensorResult:
     rel_error: float = 0.0  # ||delta - stored|| / ||delta||
     delta_norm: float = 0.0
     note: str = ""
+    passes: int = 0  # randomized SVD: products of the whole difference with a thin matrix (0: exact or none)
 
 
 @dataclass
@@ -100,6 +103,50 @@ class Factors:
     up: torch.Tensor
     down: torch.Tensor
     singular_values: torch.Tensor
+    passes: int = 0  # products of the whole matrix with a thin one (randomized SVD); 0 for a full SVD
+
+
+# --power-iters auto: stop once the predicted (error / optimal)^2 - 1 is at most this (error <= ~1.005x optimal,
+# half of the 1.01x budget: the bound below is first-order, and rounding the factors to bf16 takes its own share).
+AUTO_TOLERANCE = 0.01
+AUTO_MAX_PASSES = 6  # never more work than --power-iters 2
+
+
+def parse_power_iters(value: int | str) -> int | str:
+    """``"auto"`` or a count of power iterations (``int``, or its decimal string)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = -1
+    if count < 0 or isinstance(value, (bool, float)):
+        raise LorafuseError(f"--power-iters must be 'auto' or a count >= 0 (got {value!r})")
+    return count
+
+
+def predicted_excess(s: torch.Tensor, k: int, oversample: int, exponent: int) -> float:
+    """Predicted ``(error / optimal)^2 - 1`` of the rank-``k`` truncation of a randomized sketch.
+
+    ``s``: the sketch's singular values (``k + oversample`` of them); ``exponent``: the power of ``A`` whose range
+    was sampled (1 for a plain sketch, 2q + 1 after q power iterations; each further product of the matrix with the
+    last basis adds 1). First-order form of the randomized SVD error bounds (Halko, Martinsson & Tropp 2011, 10.5;
+    Gu 2015): the top direction j leans towards each direction i > k by a squared angle of about
+    ``(s_i / s_j)^(2 * exponent) / (oversample - 1)``, which costs ``s_j^2 - s_i^2`` of captured energy, so the
+    excess over the optimal error ``sum_{i>k} s_i^2`` is at most ``sum_{j<k} max_{y <= (s_k / s_j)^2}
+    (1 - y) y^(exponent - 1) / (oversample - 1)`` times it. With exponent 1 that is ``k / (oversample - 1)``
+    (the bound for no power iteration, whatever the spectrum); with a spectral gap it falls as
+    ``(s_k / s_j)^(2 * exponent - 2)``; on a flat spectrum it stays large.
+    """
+    if oversample < 2 or s.numel() <= k:
+        return math.inf
+    if exponent <= 1:
+        return k / (oversample - 1)
+    s = s.double()
+    top = s[:k]
+    x = torch.where(top > 0, (s[k] / top.clamp(min=torch.finfo(torch.float64).tiny)).square(), 0.0).clamp(max=1.0)
+    y = x.clamp(max=(exponent - 1) / exponent)  # (1 - y) y^(e-1) peaks at y = (e-1)/e
+    return float(((1 - y) * y ** (exponent - 1)).sum()) / (oversample - 1)
 
 
 def low_rank(
@@ -109,36 +156,69 @@ def low_rank(
     exact: bool = False,
     energy: float | None = None,
     oversample: int = 8,
-    power_iters: int = 2,
+    power_iters: int | str = "auto",
     seed: int = 0,
+    sq_norm: float | None = None,
 ) -> Factors:
     """Best rank-``rank`` factors of a 2-D fp32 ``matrix`` (randomized SVD unless ``exact``).
 
     With ``energy``, keeps the smallest rank whose singular values hold that fraction of ``||matrix||_F^2``
-    (never more than ``rank``). The singular values are split evenly: up = U sqrt(S), down = sqrt(S) V^T.
+    (never more than ``rank``; ``sq_norm``, when given, is that squared norm). The singular values are split evenly:
+    up = U sqrt(S), down = sqrt(S) V^T. ``power_iters``: a count q (2q + 2 products with the matrix), or ``"auto"``:
+    after each product from the third on, stop when :func:`predicted_excess` is at most ``AUTO_TOLERANCE`` (at most
+    ``AUTO_MAX_PASSES`` products). ``Factors.passes`` says how many products were made.
     """
+    power_iters = parse_power_iters(power_iters)
     m, n = matrix.shape
     k_max = max(1, min(rank, m, n))
     width = min(k_max + oversample, m, n)
+    passes = 0
     if exact or width >= min(m, n):
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     else:
-        gen = torch.Generator(device=matrix.device).manual_seed(seed)
-        omega = torch.randn(n, width, generator=gen, device=matrix.device, dtype=matrix.dtype)
-        basis = torch.linalg.qr(matrix @ omega).Q
-        for _ in range(power_iters):  # power iterations sharpen the subspace when the spectrum decays slowly
-            basis = torch.linalg.qr(matrix.T @ basis).Q
-            basis = torch.linalg.qr(matrix @ basis).Q
-        small_u, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-        u = basis @ small_u
+        u, s, vh, passes = _randomized_svd(matrix, k_max, width, power_iters, seed)
     k = k_max
     if energy is not None:
-        total = float(matrix.square().sum())
+        total = float(matrix.square().sum()) if sq_norm is None else sq_norm
         if total > 0:
             kept = torch.cumsum(s.double().square(), 0) / total
             k = min(k_max, int((kept < energy).sum()) + 1)
     root = s[:k].sqrt()
-    return Factors(u[:, :k] * root, root[:, None] * vh[:k], s[:k])
+    return Factors(u[:, :k] * root, root[:, None] * vh[:k], s[:k], passes)
+
+
+def _randomized_svd(
+    matrix: torch.Tensor, k: int, width: int, power_iters: int | str, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(U, S, V^T, passes) of a rank-``width`` randomized SVD, alternating sides.
+
+    The sketch Q = orth(A Omega) is followed by products that alternate sides: B = Q^T A (the approximation
+    Q B), then Y = A P with P = orth(B^T) (the approximation Y P^T), then B = orth(Y)^T A, and so on. Product t
+    samples the range of A's (t - 1)-th power, and ends a candidate; 2q + 2 products are the textbook randomized SVD
+    with q power iterations, while ``auto`` may also stop after an odd number (a half iteration).
+    """
+    m, n = matrix.shape
+    auto = power_iters == "auto"
+    max_passes = AUTO_MAX_PASSES if auto else 2 * int(power_iters) + 2
+    gen = torch.Generator(device=matrix.device).manual_seed(seed)
+    omega = torch.randn(n, width, generator=gen, device=matrix.device, dtype=matrix.dtype)
+    basis = torch.linalg.qr(matrix @ omega).Q  # m x width
+    on_left, passes = True, 1
+    while True:
+        product = basis.T @ matrix if on_left else matrix @ basis  # width x n, or m x width
+        passes += 1
+        # A plain sketch (2 products) is never judged good enough: its bound is k / (oversample - 1) whatever the
+        # spectrum, so the SVD is only computed where the answer can be "stop".
+        if passes >= max_passes or (auto and passes >= 3):
+            u, s, vh = torch.linalg.svd(product, full_matrices=False)
+            if passes >= max_passes or predicted_excess(s, k, width - k, passes - 1) <= AUTO_TOLERANCE:
+                if on_left:
+                    return basis @ u, s, vh, passes
+                return u, s, vh @ basis.T, passes
+            basis = vh.T if on_left else u  # the SVD's singular vectors are an orthonormal basis of the product
+        else:
+            basis = torch.linalg.qr(product.T if on_left else product).Q
+        on_left = not on_left
 
 
 def _tensor_seed(name: str, seed: int) -> int:
@@ -146,9 +226,19 @@ def _tensor_seed(name: str, seed: int) -> int:
 
 
 @functools.cache
-def _compare_buffers() -> tuple[bytearray, bytearray]:
+def _compare_buffers() -> tuple[torch.Tensor, torch.Tensor]:
     # Reused for every comparison: fresh 32 MB buffers per chunk would cost page faults on every read.
-    return bytearray(COMPARE_CHUNK), bytearray(COMPARE_CHUNK)
+    return torch.empty(COMPARE_CHUNK, dtype=torch.uint8), torch.empty(COMPARE_CHUNK, dtype=torch.uint8)
+
+
+def _bytes_view(buffer: torch.Tensor) -> memoryview:
+    return memoryview(buffer.numpy()).cast("B")
+
+
+def _equal_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Byte equality of two 1-D uint8 tensors (compared as int64 words: memoryview ``==`` goes byte by byte)."""
+    words = a.numel() // 8 * 8
+    return torch.equal(a[:words].view(torch.int64), b[:words].view(torch.int64)) and torch.equal(a[words:], b[words:])
 
 
 def _same_values(base: Checkpoint, tuned: Checkpoint, bname: str, tname: str) -> bool:
@@ -159,18 +249,81 @@ def _same_values(base: Checkpoint, tuned: Checkpoint, bname: str, tname: str) ->
             return False
         bfd, tfd = base.fd(bi.path), tuned.fd(ti.path)
         left, right = _compare_buffers()
-        for start in range(0, bi.nbytes, COMPARE_CHUNK):
-            size = min(COMPARE_CHUNK, bi.nbytes - start)
-            a, b = memoryview(left)[:size], memoryview(right)[:size]
-            pread_into(bfd, a, bi.offset + start, bi.path)
-            pread_into(tfd, b, ti.offset + start, ti.path)
-            if a != b:
+        start, size = 0, FIRST_CHUNK
+        while start < bi.nbytes:
+            size = min(size, bi.nbytes - start)
+            a, b = left[:size], right[:size]
+            pread_into(bfd, _bytes_view(a), bi.offset + start, bi.path)
+            pread_into(tfd, _bytes_view(b), ti.offset + start, ti.path)
+            if not _equal_bytes(a, b):
                 return False
+            start, size = start + size, COMPARE_CHUNK
         return True
     a, b = base.get(bname), tuned.get(tname)
     if a.dtype != b.dtype:
         return bool(torch.equal(a.float(), b.float()))
     return bool(torch.equal(a, b))
+
+
+class _Workspace:
+    """Buffers reused from tensor to tensor: a fresh large tensor costs a page fault per 4 KiB on every use.
+
+    Holds the two raw tensors and the fp32 difference of the largest changed tensor so far (about one tensor pair,
+    as before, but allocated once).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, key: str, numel: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+        """A 1-D tensor of ``numel`` elements, contents undefined (valid until the next ``take`` of ``key``)."""
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != torch.device(device):
+            self._buffers.pop(key, None)  # freed before the larger one is allocated
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel]
+
+    def difference(self, tuned: torch.Tensor, base: torch.Tensor, device: str) -> torch.Tensor:
+        """``tuned - base`` in fp32 (exact for two bf16 or fp16 values of similar size), in the ``delta`` buffer.
+
+        Both are converted to fp32 before subtracting, the base in slices: ``fp32 -= bf16`` would take torch's
+        mixed-dtype loop, ten times slower than a conversion and a same-dtype subtraction.
+        """
+        delta = self.take("delta", tuned.numel(), torch.float32, device).view(tuned.shape)
+        delta.copy_(tuned)
+        flat, base = delta.view(-1), base.reshape(-1)
+        step = min(DIFF_SLICE, flat.numel())
+        scratch = self.take("slice", step, torch.float32, device)
+        for start in range(0, flat.numel(), step):
+            part = scratch[: min(step, flat.numel() - start)]
+            part.copy_(base[start : start + step])
+            flat[start : start + step].sub_(part)
+        return delta
+
+    def read(self, ckpt: Checkpoint, info: TensorInfo, key: str) -> torch.Tensor:
+        """The tensor ``info`` of ``ckpt``, read into the buffer ``key`` when it is stored raw (safetensors)."""
+        if info.offset < 0:
+            return ckpt.get(info.name)
+        raw = self.take(key, info.nbytes, torch.uint8)
+        if info.nbytes:
+            pread_into(ckpt.fd(info.path), _bytes_view(raw), info.offset, info.path)
+        return raw.view(info.dtype).view(info.shape)
+
+
+def _compare_and_read(
+    base: Checkpoint, tuned: Checkpoint, name: str, workspace: _Workspace
+) -> tuple[bool, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(equal, the (tuned, base) tensors when they were read whole to be compared, else None).
+
+    A changed tensor is then differenced from the bytes already read, instead of reading both files twice.
+    """
+    bi, ti = base.infos[name], tuned.infos[name]
+    if bi.dtype == ti.dtype and bi.offset >= 0 and ti.offset >= 0 and bi.nbytes == ti.nbytes <= COMPARE_CHUNK:
+        tuned_value, base_value = workspace.read(tuned, ti, "tuned"), workspace.read(base, bi, "base")
+        if _equal_bytes(tuned_value.reshape(-1).view(torch.uint8), base_value.reshape(-1).view(torch.uint8)):
+            return True, None
+        return False, (tuned_value, base_value)
+    return _same_values(base, tuned, name, name), None
 
 
 def _embedding_key(keys: list[str]) -> str | None:
@@ -232,7 +385,7 @@ def extract(
     diff_only: bool = False,
     dtype: str | None = "auto",
     oversample: int = 8,
-    power_iters: int = 2,
+    power_iters: int | str = "auto",
     seed: int = 0,
     overwrite: bool = False,
     base_name: str | None = None,
@@ -243,6 +396,7 @@ def extract(
     ``fmt``: ``peft`` (an adapter folder), ``diffusion`` or ``kohya`` (a single ``.safetensors``/``.pt`` file;
     ``.safetensors`` is appended when the name has no such suffix). ``dtype``: ``auto`` stores LoRA factors in
     the tuned tensor's dtype and full differences in fp32 (so they round-trip exactly); or bf16/fp16/fp32 for all.
+    ``power_iters``: ``"auto"`` (see :func:`low_rank`) or a fixed count of randomized-SVD power iterations.
     """
     started = time.perf_counter()
     if fmt not in EXTRACT_FORMATS:
@@ -251,6 +405,9 @@ def extract(
         raise LorafuseError(f"--rank must be at least 1 (got {rank})")
     if energy is not None and not 0 < energy <= 1:
         raise LorafuseError(f"--energy must be in (0, 1] (got {energy})")
+    if oversample < 0:
+        raise LorafuseError(f"--oversample must be at least 0 (got {oversample})")
+    power_iters = parse_power_iters(power_iters)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LorafuseError("--device cuda was asked for but no CUDA device is available: use --device cpu")
     out_dtype = parse_dtype(dtype)
@@ -322,7 +479,7 @@ class _Settings:
     diff_only: bool
     out_dtype: torch.dtype | None
     oversample: int
-    power_iters: int
+    power_iters: int | str
     seed: int
 
 
@@ -343,6 +500,7 @@ def _stream(
     show_progress: bool | None,
 ) -> _PeftState:
     state = _PeftState()
+    workspace = _Workspace()
     keys = base.keys()
     embedding = _embedding_key(keys)
     disable = None if show_progress is None else not show_progress
@@ -354,7 +512,8 @@ def _stream(
             report.count(TensorResult(name, "skipped", binfo.shape, note=f"shape {binfo.shape} vs tuned {tinfo.shape}"))
             report.warnings.append(f"{name}: shape {binfo.shape} in the base but {tinfo.shape} in the tuned model")
             continue
-        if _same_values(base, tuned, name, name):
+        same, pair = _compare_and_read(base, tuned, name, workspace)
+        if same:
             report.count(TensorResult(name, "similar", binfo.shape))
             continue
         if not (is_float(binfo.dtype) and is_float(tinfo.dtype)):
@@ -364,7 +523,7 @@ def _stream(
         if _is_tied_head(name, embedding, base, tuned):
             report.count(TensorResult(name, "tied", binfo.shape, note=f"tied to {embedding}"))
             continue
-        result = _extract_one(name, binfo, tinfo, base, tuned, spool, layout, settings, state)
+        result = _extract_one(name, binfo, tinfo, base, tuned, spool, layout, settings, state, workspace, pair)
         report.count(result)
     report.rel_error = overall_error(report.tensors)
     return state
@@ -396,9 +555,12 @@ def _extract_one(
     layout: _Layout,
     settings: _Settings,
     state: _PeftState,
+    workspace: _Workspace,
+    pair: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TensorResult:
-    delta = tuned.get(name).to(device=settings.device, dtype=torch.float32)
-    delta.sub_(base.get(name).to(settings.device))  # fp32 -= bf16 computes in fp32, without an fp32 copy
+    """Store ``tuned - base`` for one tensor; ``pair``: the (tuned, base) values when already read."""
+    tuned_value, base_value = pair or (workspace.read(tuned, tinfo, "tuned"), workspace.read(base, binfo, "base"))
+    delta = workspace.difference(tuned_value, base_value, settings.device)
     norm = float(torch.linalg.vector_norm(delta))
     shape = tuple(binfo.shape)
     numel = delta.numel()
@@ -430,10 +592,13 @@ def _extract_one(
         oversample=settings.oversample,
         power_iters=settings.power_iters,
         seed=_tensor_seed(name, settings.seed),
+        sq_norm=norm * norm,
     )
     stored_dtype = settings.out_dtype or tinfo.dtype
     up, down = factors.up.to(stored_dtype), factors.down.to(stored_dtype)
-    err = float(torch.linalg.vector_norm(matrix - up.float() @ down.float())) / norm if norm else 0.0
+    # The error of the factors as stored; in place: the difference is not needed any more.
+    residual = matrix.addmm_(up.float(), down.float(), alpha=-1)
+    err = float(torch.linalg.vector_norm(residual)) / norm if norm else 0.0
     k = up.shape[1]
     if delta.dim() > 2:  # Conv: down (k, in, *kernel), up (out, k, 1, ...)
         down = down.reshape(k, *delta.shape[1:])
@@ -448,7 +613,7 @@ def _extract_one(
     if alpha_name is not None:
         spool.add(alpha_name, torch.tensor(float(k), dtype=torch.float32))
     state.ranks[module] = k
-    return TensorResult(name, "lora", shape, rank=k, rel_error=err, delta_norm=norm)
+    return TensorResult(name, "lora", shape, rank=k, rel_error=err, delta_norm=norm, passes=factors.passes)
 
 
 def _peft_finish(

@@ -26,7 +26,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--energy", type=float, default=None, help="dynamic rank: keep this fraction of each delta's energy")
     p.add_argument("--exact-svd", action="store_true", help="full SVD instead of randomized SVD")
     p.add_argument("--oversample", type=int, default=8, help="randomized SVD oversampling (default 8)")
-    p.add_argument("--power-iters", type=int, default=2, help="randomized SVD power iterations (default 2)")
+    p.add_argument(
+        "--power-iters",
+        type=_power_iters,
+        default="auto",
+        metavar="auto|N",
+        help="randomized SVD power iterations: N, or auto (default): per tensor, as few as keep the predicted error "
+        "within ~1.005x of the optimal rank-R error, at most 2",
+    )
     p.add_argument("--min-params", type=int, default=1_000_000, help="smaller tensors are stored as full differences")
     p.add_argument("--diff-only", action="store_true", help="store every changed tensor as a full difference (exact)")
     p.add_argument("--dtype", default="auto", help="auto (factors in the model's dtype, diffs fp32), bf16, fp16, fp32")
@@ -36,6 +43,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--show-tensors", type=int, default=5, help="list this many tensors with the largest error")
+
+
+def _power_iters(value: str) -> int | str:
+    """``auto`` or a count >= 0 (as extract.parse_power_iters, without importing torch)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    if not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a count >= 0 (got {value!r})")
+    return int(value)
 
 
 def print_statistics(report: ExtractReport, show_tensors: int = 5, file=None) -> None:

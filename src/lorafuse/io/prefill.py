@@ -61,15 +61,11 @@ class Prefill:
         self._cancelled = False
         self._created: list[Path] = []
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="lorafuse-prefill", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> Prefill:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
+        """Create the shard files (header written, full size) here, so they exist once this returns; then copy."""
         fds: list[int] = []
-        sources: dict[Path, int] = {}
         try:
             for name, head, shard_slots in zip(self.names, self.headers, self._by_shard()):
                 path = self.tmp / name
@@ -78,6 +74,17 @@ class Prefill:
                 fds.append(fd)
                 os.pwrite(fd, head, 0)
                 os.ftruncate(fd, len(head) + sum(s.nbytes for s in shard_slots))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self._thread = threading.Thread(target=self._run, args=(fds,), name="lorafuse-prefill", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self, fds: list[int]) -> None:
+        sources: dict[Path, int] = {}
+        try:
             for i, slot in enumerate(self.slots):
                 src_path, src_offset = self._sources[slot.name]
                 if src_path not in sources:
@@ -138,7 +145,8 @@ class Prefill:
 
     def finish(self) -> None:
         """Wait for the whole copy; its failure (disk full, I/O error) is raised here."""
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self._raise()
 
     def _raise(self) -> None:
@@ -149,7 +157,7 @@ class Prefill:
     def cancel(self) -> None:
         """Stop copying and remove the files written so far (the temporary folder stays)."""
         self._cancelled = True
-        if self._thread.is_alive() or self._thread.ident is not None:
+        if self._thread is not None:
             self._thread.join()
         for path in self._created:
             path.unlink(missing_ok=True)
@@ -188,7 +196,11 @@ def speculate(base: str | Path, output: str | Path, max_shard_size: str | int, o
         shards = layout_shards(slots, parse_size(max_shard_size))
         names = shard_names(prefix, len(shards), ".safetensors")
         headers = [safetensors_header(shard) for shard in shards]
-        tmp = AtomicOutput(output).tmp  # the folder the merge will write into (it adopts it)
-        return Prefill(tmp, names, headers, slots, sources).start()
+        folder = AtomicOutput(output)  # its temporary folder is the one the merge writes into (it adopts it)
+        try:
+            return Prefill(folder.tmp, names, headers, slots, sources).start()
+        except BaseException:
+            folder.abort()
+            raise
     except (LorafuseError, OSError, ValueError):
         return None
