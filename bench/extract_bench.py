@@ -8,10 +8,12 @@ adapter; ``--layers`` builds a shallower one) and builds, cached under bench/.ca
   extracted at rank 64.
 
 Reports each command's time as a ratio to the `cp -r` time of the base measured in the same run, its peak RSS,
-the adapter size, and the approximation error against the optimal rank-R error (Eckart-Young: the tail of the
-singular values), computed exactly for a sample of tensors (``--sample`` of them). Usage::
+the adapter size, the mean number of randomized-SVD passes per factorised tensor, and the approximation error
+against the optimal rank-R error (Eckart-Young: the tail of the singular values), computed exactly for a sample of
+tensors (``--sample`` of them). ``--power-iters`` is passed to the randomized runs (default: the extractor's, auto).
+Usage::
 
-    python bench/extract_bench.py [--layers 28] [--skip-exact] [--sample 14]
+    python bench/extract_bench.py [--layers 28] [--skip-exact] [--sample 14] [--power-iters auto|N]
 """
 
 from __future__ import annotations
@@ -91,11 +93,13 @@ def optimal_errors(base: Path, tuned: Path, names: list[str], rank: int) -> dict
     return out
 
 
-def report_errors(folder: Path) -> tuple[dict[str, float], float, int]:
-    """(absolute error per LoRA tensor, overall relative error, adapter bytes) from lorafuse_extract.json."""
+def report_errors(folder: Path) -> tuple[dict[str, float], float, int, float]:
+    """(absolute error per LoRA tensor, overall relative error, adapter bytes, mean SVD passes) from the report."""
     data = json.loads((folder / "lorafuse_extract.json").read_text())
-    errors = {t["name"]: t["rel_error"] * t["delta_norm"] for t in data["tensors"] if t["kind"] == "lora"}
-    return errors, data["rel_error"], (folder / "adapter_model.safetensors").stat().st_size
+    lora = [t for t in data["tensors"] if t["kind"] == "lora"]
+    errors = {t["name"]: t["rel_error"] * t["delta_norm"] for t in lora}
+    passes = sum(t.get("passes", 0) for t in lora) / max(1, len(lora))
+    return errors, data["rel_error"], (folder / "adapter_model.safetensors").stat().st_size, passes
 
 
 def main() -> None:
@@ -103,6 +107,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=LAYERS, help="decoder layers (28: the full 1.7B shape)")
     parser.add_argument("--skip-exact", action="store_true", help="do not run --exact-svd (slow on 2 cores)")
     parser.add_argument("--sample", type=int, default=14, help="tensors whose optimal error is computed exactly")
+    parser.add_argument("--power-iters", default=None, help="passed to the randomized runs (default: auto)")
     args = parser.parse_args()
 
     base, tuned16, tuned64 = ensure_models(args.layers)
@@ -114,20 +119,24 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     cp_time, cp_rss = run_measured(["cp", "-r", str(base), str(out)])[:2]
     shutil.rmtree(out)
-    runs = [("rank 16, randomized", tuned16, 16, [])]
+    randomized = [] if args.power_iters is None else ["--power-iters", args.power_iters]
+    runs = [("rank 16, randomized", tuned16, 16, randomized)]
     if not args.skip_exact:
         runs.append(("rank 16, --exact-svd", tuned16, 16, ["--exact-svd"]))
-    runs.append(("rank 64, randomized", tuned64, 64, []))
+    runs.append(("rank 64, randomized", tuned64, 64, randomized))
     if not args.skip_exact:
         runs.append(("rank 64, --exact-svd", tuned64, 64, ["--exact-svd"]))
 
-    print(f"{'command':<26} {'time / cp -r':>12} {'peak RSS':>9} {'adapter':>9} {'rel. error':>10} {'/ optimal':>9}")
+    print(
+        f"{'command':<26} {'time / cp -r':>12} {'peak RSS':>9} {'adapter':>9} {'passes':>6} {'rel. error':>10} "
+        f"{'/ optimal':>9}"
+    )
     print(f"{'cp -r':<26} {1.0:>12.2f} {cp_rss / 1e9:>7.2f}GB")
     optimal: dict[tuple[Path, int], dict[str, float]] = {}
     for label, tuned, rank, extra in runs:
         cmd = [*LORAFUSE, "extract", str(base), str(tuned), "-o", str(out), "--rank", str(rank), *extra]
         seconds, rss = run_measured(cmd)[:2]
-        errors, rel, nbytes = report_errors(out)
+        errors, rel, nbytes, passes = report_errors(out)
         if (tuned, rank) not in optimal:
             names = sorted(errors)
             step = max(1, len(names) // max(1, args.sample))
@@ -135,7 +144,7 @@ def main() -> None:
         best = optimal[(tuned, rank)]
         ratio = math.sqrt(sum(errors[n] ** 2 for n in best)) / math.sqrt(sum(v**2 for v in best.values()))
         print(
-            f"{label:<26} {seconds / cp_time:>12.2f} {rss / 1e9:>7.2f}GB {nbytes / 1e6:>7.1f}MB "
+            f"{label:<26} {seconds / cp_time:>12.2f} {rss / 1e9:>7.2f}GB {nbytes / 1e6:>7.1f}MB {passes:>6.2f} "
             f"{rel:>10.3e} {ratio:>9.4f}",
             flush=True,
         )

@@ -15,9 +15,10 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 import lorafuse
+import lorafuse.extract as extract_module
 from lorafuse.cli import main
 from lorafuse.errors import LorafuseError
-from lorafuse.extract import AUTO_TOLERANCE, extract, low_rank, predicted_excess
+from lorafuse.extract import AUTO_TOLERANCE, extract, frobenius_norm, low_rank, predicted_excess
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 
@@ -224,6 +225,31 @@ def test_cli_refuses_a_bad_power_iters(llama_untied, tmp_path):
         main(args)
     with pytest.raises(LorafuseError, match="power-iters"):
         extract(llama_untied, llama_untied, tmp_path / "ex", power_iters="often")
+
+
+def test_frobenius_norm_is_accurate_where_an_fp32_sum_is_not():
+    x = torch.randn(3_000_001, generator=torch.Generator().manual_seed(0)) * 0.01 + 0.004
+    exact = float(x.double().norm())
+    assert frobenius_norm(x) == pytest.approx(exact, rel=1e-9)
+    assert frobenius_norm(x.reshape(-1)[:6].reshape(2, 3)) == pytest.approx(float(x[:6].double().norm()), rel=1e-7)
+
+
+def test_chunked_comparison_gives_the_same_adapter(llama_untied, tmp_path, monkeypatch):
+    """Tensors above COMPARE_CHUNK are compared in chunks and read again: the same result as reading them whole."""
+    tuned = make_tuned(llama_untied, tmp_path / "tuned", full_rank_change)
+    whole = extract(llama_untied, tuned, tmp_path / "whole.safetensors", fmt="diffusion", rank=4, min_params=0)
+    monkeypatch.setattr(extract_module, "COMPARE_CHUNK", 256)
+    monkeypatch.setattr(extract_module, "FIRST_CHUNK", 64)
+    extract_module._compare_buffers.cache_clear()
+    try:
+        chunked = extract(llama_untied, tuned, tmp_path / "chunked.safetensors", fmt="diffusion", rank=4, min_params=0)
+    finally:
+        extract_module._compare_buffers.cache_clear()
+    assert (chunked.lora, chunked.direct_diff, chunked.similar) == (whole.lora, whole.direct_diff, whole.similar)
+    a, b = load_file(tmp_path / "whole.safetensors"), load_file(tmp_path / "chunked.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_unchanged_tied_and_mismatched_tensors(tmp_path):

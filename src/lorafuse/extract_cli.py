@@ -32,7 +32,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         metavar="auto|N",
         help="randomized SVD power iterations: N, or auto (default): per tensor, as few as keep the predicted error "
-        "within ~1.005x of the optimal rank-R error, at most 2",
+        "within ~1.0025x of the optimal rank-R error, at most 2",
     )
     p.add_argument("--min-params", type=int, default=1_000_000, help="smaller tensors are stored as full differences")
     p.add_argument("--diff-only", action="store_true", help="store every changed tensor as a full difference (exact)")
