@@ -211,7 +211,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="repetitions of each command (alternating)")
     parser.add_argument("--skip-peft", action="store_true", help="do not run PEFT (slow, needs ~4 GB per scale)")
     parser.add_argument(
-        "--variants", action="store_true", help="also run lorafuse without its prefill and with one math thread"
+        "--variants", action="store_true", help="also run lorafuse without its prefill, and with two math threads"
     )
     args = parser.parse_args()
 
@@ -222,7 +222,7 @@ def main() -> None:
         "cp -r": ["cp", "-r", str(base), str(out)],
         "lorafuse": [lorafuse, "merge", str(base), str(adapter), "-o", str(out)],
     }
-    envs = {"no-prefill": {"LORAFUSE_PREFILL": "0"}, "1-math": {"LORAFUSE_MATH_THREADS": "1"}}
+    envs = {"no-prefill": {"LORAFUSE_PREFILL": "0"}, "2-math": {"LORAFUSE_MATH_THREADS": "2"}}
     if args.variants:
         for name in envs:
             commands[name] = commands["lorafuse"]

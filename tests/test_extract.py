@@ -357,3 +357,48 @@ def test_peft_format_refuses_a_change_it_cannot_hold_exactly(tmp_path):
     assert not (tmp_path / "ex").exists()
     report = extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "ex", fmt="diffusion")
     assert report.direct_diff == 1 and (tmp_path / "ex.safetensors").is_file()
+
+
+def test_gpt2_conv1d_layers_extract_with_fan_in_fan_out(gpt2, tmp_path):
+    """GPT-2 stores Conv1D weights as (in, out): the PEFT adapter needs fan_in_fan_out and transposed factors."""
+    adapter = make_peft_adapter(gpt2, tmp_path / "lora", target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    lorafuse.merge(gpt2, [adapter], tmp_path / "tuned")
+    report = extract(gpt2, tmp_path / "tuned", tmp_path / "ex", rank=4, min_params=0)
+    assert (report.lora, report.direct_diff, report.failed) == (4, 0, 0)
+    assert report.rel_error < 1e-5
+    config = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+    factors = load_file(tmp_path / "ex" / "adapter_model.safetensors")
+    # c_attn.weight is (32, 96): PEFT's lora_A is (r, in=32) and lora_B (out=96, r).
+    assert factors["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (4, 32)
+    assert factors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (96, 4)
+
+    ids = input_ids()
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(load_model(gpt2), tmp_path / "ex")(ids).logits
+        tuned_logits = load_model(tmp_path / "tuned")(ids).logits
+    torch.testing.assert_close(peft_logits, tuned_logits, rtol=0, atol=1e-4)
+    lorafuse.merge(gpt2, [tmp_path / "ex"], tmp_path / "again")
+    merged, tuned = read_tensors(tmp_path / "again"), read_tensors(tmp_path / "tuned")
+    for name in tuned:
+        torch.testing.assert_close(merged[name], tuned[name], rtol=0, atol=1e-5)
+
+
+def test_gpt2_linear_and_conv1d_changes_cannot_share_one_peft_adapter(gpt2, tmp_path):
+    """fan_in_fan_out is one flag per adapter: a changed Linear head beside changed Conv1D layers is refused."""
+    base = tmp_path / "base"
+    shutil.copytree(gpt2, base)
+    tensors = load_file(base / "model.safetensors")
+    tensors["score.weight"] = noise((3, 32), 5)  # a classification head: nn.Linear, weight (out, in)
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+
+    def change(tensors):
+        for name in ("transformer.h.0.attn.c_attn.weight", "score.weight"):
+            tensors[name] = tensors[name] + noise(tensors[name].shape, 7)
+
+    tuned = make_tuned(base, tmp_path / "tuned", change)
+    with pytest.raises(LorafuseError, match="score.*Linear.*c_attn.*Conv1D.*--format diffusion"):
+        extract(base, tuned, tmp_path / "ex", rank=2, min_params=0)
+    assert not (tmp_path / "ex").exists()
+    report = extract(base, tuned, tmp_path / "ex.safetensors", rank=2, min_params=0, fmt="diffusion")
+    assert report.lora == 2

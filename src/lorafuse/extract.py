@@ -46,6 +46,10 @@ DIFF_SUFFIX = {"weight": "diff", "bias": "diff_b", "modulation": "diff_m"}
 COMPARE_CHUNK = 32 << 20  # tensors up to this size are read whole, once, for the comparison and the difference
 NORM_ROW = 4096  # elements per partial sum of frobenius_norm
 DIFF_SLICE = 1 << 20  # elements of the base converted to fp32 at a time
+# transformers models whose c_attn/c_proj/c_fc/q_attn are GPT-2 ``Conv1D`` layers (weight stored (in, out)): a
+# PEFT adapter for them needs ``fan_in_fan_out`` and factors of the transposed delta.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 FIRST_CHUNK = 1 << 20  # larger ones are compared in chunks, the first one small: a changed tensor differs early
 
 
@@ -405,6 +409,7 @@ class _PeftState:
 
     ranks: dict[str, int] = field(default_factory=dict)  # LoRA module -> rank
     embeddings: set[str] = field(default_factory=set)
+    conv1d: set[str] = field(default_factory=set)  # LoRA modules that are GPT-2 Conv1D layers (fan_in_fan_out)
     diffs: dict[str, torch.dtype] = field(default_factory=dict)  # changed small tensors -> output dtype
 
 
@@ -474,6 +479,7 @@ def extract(
                 settings = _Settings(
                     rank, energy, exact_svd, device, min_params, diff_only, out_dtype, oversample, power_iters, seed
                 )
+                settings.conv1d_model = _is_conv1d_model(base_path)
                 peft_state = _stream(base_ckpt, tuned_ckpt, spool, _Layout(fmt), settings, report, show_progress)
                 if is_dir:
                     config = _peft_finish(
@@ -518,6 +524,7 @@ class _Settings:
     oversample: int
     power_iters: int | str
     seed: int
+    conv1d_model: bool = False  # the base is a GPT-2-style model with Conv1D layers (config model_type)
 
 
 def _provenance(report: ExtractReport) -> dict[str, Any]:
@@ -620,7 +627,14 @@ def _extract_one(
     if attr != "weight" or not module:
         return TensorResult(name, "failed", shape, delta_norm=norm, note="only .weight tensors are factorised")
     embedding = layout.fmt == "peft" and name.endswith(EMBEDDING_SUFFIXES) and delta.dim() == 2
-    matrix = delta.T if embedding else delta.reshape(delta.shape[0], -1)
+    # PEFT's lora_B @ lora_A is the transpose of a Conv1D weight (in, out) and of an embedding (num, dim).
+    conv1d = (
+        layout.fmt == "peft"
+        and settings.conv1d_model
+        and delta.dim() == 2
+        and module.rpartition(".")[2] in CONV1D_MODULES
+    )
+    matrix = delta.T if embedding or conv1d else delta.reshape(delta.shape[0], -1)
     factors = low_rank(
         matrix,
         settings.rank,
@@ -650,6 +664,8 @@ def _extract_one(
     if alpha_name is not None:
         spool.add(alpha_name, torch.tensor(float(k), dtype=torch.float32))
     state.ranks[module] = k
+    if conv1d:
+        state.conv1d.add(module)
     return TensorResult(name, "lora", shape, rank=k, rel_error=err, delta_norm=norm, passes=factors.passes)
 
 
@@ -733,6 +749,13 @@ def _peft_config(
     lora_bias: bool,
 ) -> dict[str, Any]:
     ranks = state.ranks
+    linear = sorted(m for m in ranks if m not in state.conv1d and m not in state.embeddings)
+    if state.conv1d and linear:
+        # fan_in_fan_out is one flag for the whole adapter: mergers that follow it read every LoRA as Conv1D.
+        raise AdapterError(
+            f"{linear[0]} (a Linear layer) and {sorted(state.conv1d)[0]} (a GPT-2 Conv1D layer) both changed; one "
+            "PEFT adapter cannot hold LoRAs of both: use --format diffusion (or --format kohya) for this model"
+        )
     r = max(ranks.values(), key=list(ranks.values()).count) if ranks else settings.rank  # the most common rank
     pattern = {m: k for m, k in ranks.items() if k != r}
     base_config = read_json(base_path / "config.json") if base_path.is_dir() else None
@@ -751,12 +774,18 @@ def _peft_config(
         "lora_bias": lora_bias,
         "bias": "none",
         "lora_dropout": 0.0,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": bool(state.conv1d),
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
     }
+
+
+def _is_conv1d_model(base_path: Path) -> bool:
+    """True when the base's config.json names a model type built from GPT-2 ``Conv1D`` layers."""
+    config = read_json(base_path / "config.json") if base_path.is_dir() else None
+    return isinstance(config, dict) and config.get("model_type") in CONV1D_MODEL_TYPES
 
 
 def _target_modules(keys: list[str], ranks: dict[str, int]) -> list[str]:
