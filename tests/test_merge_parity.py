@@ -387,3 +387,29 @@ def test_tied_encoder_head_with_another_name_stays_tied(bert, tmp_path):
     expected = peft_merged(bert, [adapter], model_cls=AutoModelForMaskedLM)
     ids = input_ids()
     torch.testing.assert_close(_outputs(merged, ids), _outputs(expected, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("fixture", "targets", "saved_flag"),
+    [
+        ("gpt2", ["c_attn", "c_proj"], False),  # Conv1D layers (c_proj is square) with the flag left off
+        ("llama_untied", ["q_proj", "up_proj"], True),  # Linear layers (q_proj is square) with the flag set
+    ],
+    ids=["conv1d-flag-off", "linear-flag-on"],
+)
+def test_fan_in_fan_out_follows_the_layer_as_peft_does(fixture, targets, saved_flag, request, tmp_path):
+    """PEFT orients each LoRA by its layer's class whatever fan_in_fan_out says; square weights show the difference."""
+    base_dir = request.getfixturevalue(fixture)
+    adapter = make_peft_adapter(base_dir, tmp_path / "adapter", target_modules=targets, fan_in_fan_out=not saved_flag)
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["fan_in_fan_out"] = saved_flag  # as other tools (and hand edits) save it
+    config_path.write_text(json.dumps(config))
+
+    out = tmp_path / "merged"
+    lorafuse.merge(base_dir, [adapter], out, dtype="fp32")
+    expected = peft_merged(base_dir, [adapter])
+    ids = input_ids()
+    torch.testing.assert_close(_outputs(load_model(out), ids), _outputs(expected, ids), rtol=1e-5, atol=1e-5)
+    square = "transformer.h.0.attn.c_proj.weight" if fixture == "gpt2" else "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(read_tensors(out)[square], expected.state_dict()[square], rtol=1e-5, atol=1e-6)

@@ -144,3 +144,19 @@ def test_adapter_subfolder_limits_the_download(tmp_path, monkeypatch):
         "a/adapter_config.json",
         "a/adapter_model.safetensors",
     ]
+
+
+def test_verify_takes_hub_sources(hf_cache, offline, tmp_path, capsys):
+    from lorafuse.cli import main
+    from lorafuse.verify import verify
+
+    out = tmp_path / "out"
+    lorafuse.merge("hf://org/tiny-base", ["hf://org/tiny-adapter"], out, cache_dir=hf_cache["cache"])
+    report = verify(out, "hf://org/tiny-base", ["hf://org/tiny-adapter"], cache_dir=hf_cache["cache"], outputs=False)
+    assert report.passed and report.tensors_touched > 0
+    assert report.base.startswith(str(hf_cache["cache"]))
+    cache = ["--cache-dir", str(hf_cache["cache"]), "--no-output-check"]
+    assert main(["verify", str(out), "--base", "hf://org/tiny-base", "--adapter", "hf://org/tiny-adapter", *cache]) == 0
+    # The same merge checked against the v2 adapter (twice the scale) fails.
+    assert main(["verify", str(out), "--base", "org/tiny-base", "--adapter", "org/tiny-adapter@v2", *cache]) == 1
+    assert "error" in capsys.readouterr().err

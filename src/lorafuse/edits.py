@@ -191,7 +191,10 @@ class Replace(Edit):
 
     def apply(self, weight: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         if self.weight == 1.0:
-            weight.copy_(self.T.load(weight.device))
+            value = self.T.load(weight.device)
+            if value.shape != weight.shape:  # a resized vocabulary (plan.py): a copy, as later edits work in place
+                return value.clone()
+            return weight.copy_(value)
         else:
             weight.lerp_(self.T.load(weight.device), self.weight)
         return weight

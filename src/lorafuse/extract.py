@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
+from .conv1d import is_conv1d_weight
 from .dtypes import is_float, parse_dtype
 from .errors import AdapterError, LorafuseError
 from .io.checkpoint import Checkpoint, open_model
@@ -46,10 +47,6 @@ DIFF_SUFFIX = {"weight": "diff", "bias": "diff_b", "modulation": "diff_m"}
 COMPARE_CHUNK = 32 << 20  # tensors up to this size are read whole, once, for the comparison and the difference
 NORM_ROW = 4096  # elements per partial sum of frobenius_norm
 DIFF_SLICE = 1 << 20  # elements of the base converted to fp32 at a time
-# transformers models whose c_attn/c_proj/c_fc/q_attn are GPT-2 ``Conv1D`` layers (weight stored (in, out)): a
-# PEFT adapter for them needs ``fan_in_fan_out`` and factors of the transposed delta.
-CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
-CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 FIRST_CHUNK = 1 << 20  # larger ones are compared in chunks, the first one small: a changed tensor differs early
 
 
@@ -479,7 +476,7 @@ def extract(
                 settings = _Settings(
                     rank, energy, exact_svd, device, min_params, diff_only, out_dtype, oversample, power_iters, seed
                 )
-                settings.conv1d_model = _is_conv1d_model(base_path)
+                settings.base_config = read_json(base_path / "config.json") if base_path.is_dir() else None
                 peft_state = _stream(base_ckpt, tuned_ckpt, spool, _Layout(fmt), settings, report, show_progress)
                 if is_dir:
                     config = _peft_finish(
@@ -524,7 +521,7 @@ class _Settings:
     oversample: int
     power_iters: int | str
     seed: int
-    conv1d_model: bool = False  # the base is a GPT-2-style model with Conv1D layers (config model_type)
+    base_config: dict[str, Any] | None = None  # the base's config.json: which layers are GPT-2 Conv1D
 
 
 def _provenance(report: ExtractReport) -> dict[str, Any]:
@@ -628,12 +625,7 @@ def _extract_one(
         return TensorResult(name, "failed", shape, delta_norm=norm, note="only .weight tensors are factorised")
     embedding = layout.fmt == "peft" and name.endswith(EMBEDDING_SUFFIXES) and delta.dim() == 2
     # PEFT's lora_B @ lora_A is the transpose of a Conv1D weight (in, out) and of an embedding (num, dim).
-    conv1d = (
-        layout.fmt == "peft"
-        and settings.conv1d_model
-        and delta.dim() == 2
-        and module.rpartition(".")[2] in CONV1D_MODULES
-    )
+    conv1d = layout.fmt == "peft" and delta.dim() == 2 and bool(is_conv1d_weight(settings.base_config, name))
     matrix = delta.T if embedding or conv1d else delta.reshape(delta.shape[0], -1)
     factors = low_rank(
         matrix,
@@ -758,7 +750,7 @@ def _peft_config(
         )
     r = max(ranks.values(), key=list(ranks.values()).count) if ranks else settings.rank  # the most common rank
     pattern = {m: k for m, k in ranks.items() if k != r}
-    base_config = read_json(base_path / "config.json") if base_path.is_dir() else None
+    base_config = settings.base_config
     architectures = (base_config or {}).get("architectures") or []
     task_type = "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
     return {
@@ -780,12 +772,6 @@ def _peft_config(
         "init_lora_weights": True,
         "inference_mode": True,
     }
-
-
-def _is_conv1d_model(base_path: Path) -> bool:
-    """True when the base's config.json names a model type built from GPT-2 ``Conv1D`` layers."""
-    config = read_json(base_path / "config.json") if base_path.is_dir() else None
-    return isinstance(config, dict) and config.get("model_type") in CONV1D_MODEL_TYPES
 
 
 def _target_modules(keys: list[str], ranks: dict[str, int]) -> list[str]:

@@ -19,7 +19,7 @@ from .engine import one_math_thread, write_bin, write_safetensors
 from .errors import LorafuseError
 from .formats import read_adapter
 from .io.checkpoint import open_model
-from .io.extra_files import copy_extra_files, read_json, update_config
+from .io.extra_files import TOKENIZER_FILES, copy_extra_files, copy_tokenizer, read_json, update_config
 from .io.output import AtomicOutput, check_output
 from .io.prefill import Prefill
 from .io.writer import parse_size, write_index
@@ -183,6 +183,7 @@ def merge(
             dry_run=dry_run,
             sources=sources.provenance,
         )
+        tokenizer = _resizing_tokenizer(plan, dict(zip(sources.labels, adapter_paths)), report)
         if dry_run:
             report.seconds = time.perf_counter() - started
             return report
@@ -200,6 +201,7 @@ def merge(
             single_file,
             show_progress,
             prefill,
+            tokenizer,
         )
     finally:
         sources.cleanup()
@@ -210,6 +212,26 @@ def merge(
                     ref.checkpoint.close()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _resizing_tokenizer(plan: MergePlan, paths: dict[str, Path], report: MergeReport) -> Path | None:
+    """The adapter folder whose tokenizer goes with a resized vocabulary (the last resizing adapter that has one)."""
+    if not plan.resized_by:
+        return None
+    for label in reversed(plan.resized_by):
+        folder = paths.get(label)
+        if folder is not None and folder.is_dir() and any((folder / n).is_file() for n in TOKENIZER_FILES):
+            message = f"the tokenizer files come from {folder}, which resized the vocabulary"
+            log.warning(message)
+            report.warnings.append(message)
+            return folder
+    message = (
+        "the adapters resize the vocabulary but hold no tokenizer files: copy the tokenizer you trained with "
+        "into the merged folder (the base's does not know the added tokens)"
+    )
+    log.warning(message)
+    report.warnings.append(message)
+    return None
 
 
 def _write(
@@ -226,8 +248,12 @@ def _write(
     single_file: bool,
     show_progress: bool | None,
     prefill: Prefill | None = None,
+    tokenizer: Path | None = None,
 ) -> None:
-    """Write the merged model atomically: weights, index, the base's other files, config updates, provenance."""
+    """Write the merged model atomically: weights, index, the base's other files, config updates, provenance.
+
+    ``tokenizer``: a folder whose tokenizer files replace the base's (the adapter that resized the vocabulary).
+    """
     # None lets tqdm decide (shown on a terminal only).
     disable = None if show_progress is None else not show_progress
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merging", disable=disable, leave=False)
@@ -250,6 +276,9 @@ def _write(
             report.files = written.files + ([written.index_name] if written.index_name else [])
             if base_folder is not None:
                 report.copied_files = copy_extra_files(base_folder, out.tmp, weight_files, {PROVENANCE_NAME})
+                if tokenizer is not None:
+                    names = copy_tokenizer(tokenizer, out.tmp)
+                    report.copied_files = sorted(set(report.copied_files) | set(names))
                 updates = dict(plan.config_updates)
                 if out_dtype is not None:
                     # transformers 5 writes "dtype", older versions "torch_dtype".

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .conv1d import is_conv1d_weight
 from .dtypes import is_float
 from .edits import DoraDelta, Edit, LoraDelta, Replace, TargetedEdit, with_strength
 from .errors import AdapterError, NonFiniteError, ShapeMismatchError
@@ -66,6 +67,7 @@ class MergePlan:
     tensors: list[OutputTensor]
     warnings: list[str] = field(default_factory=list)
     config_updates: dict[str, Any] = field(default_factory=dict)
+    resized_by: list[str] = field(default_factory=list)  # adapters that resize the vocabulary (their tokenizer)
 
     @property
     def touched(self) -> list[OutputTensor]:
@@ -104,13 +106,30 @@ def _embedding_key(base: Checkpoint, shape: tuple[int, ...] | None = None) -> st
     return found[0] if len(found) == 1 else None
 
 
-def _fix_layout(edit: Edit, shape: tuple[int, ...]) -> Edit:
-    """A Conv1D-style base (fan_in_fan_out) whose adapter config forgot to say so: PEFT would transpose."""
-    if isinstance(edit, LoraDelta) and edit.layout in ("linear", "transposed") and edit.shape_error(shape):
-        flipped = "transposed" if edit.layout == "linear" else "linear"
-        other = replace(edit, layout=flipped)
-        if isinstance(other, DoraDelta):
-            other.output_dim = 1 - other.output_dim
+def _flipped(edit: LoraDelta) -> LoraDelta:
+    """The same LoRA read in the other orientation (Linear <-> GPT-2 Conv1D)."""
+    other = replace(edit, layout="transposed" if edit.layout == "linear" else "linear")
+    if isinstance(other, DoraDelta):
+        other.output_dim = 1 - other.output_dim
+    return other
+
+
+def _fix_layout(edit: Edit, shape: tuple[int, ...], conv1d: bool | None) -> Edit:
+    """Orient a LoRA as PEFT does: by the layer's class, whatever the adapter config's ``fan_in_fan_out`` says.
+
+    ``conv1d`` (conv1d.py) says whether the base weight is a GPT-2 Conv1D layer's, or None when the base's config
+    cannot tell: then only a shape that fits the other orientation alone (not a square one) flips it.
+    """
+    if not isinstance(edit, LoraDelta) or edit.layout not in ("linear", "transposed"):
+        return edit
+    if "lora_embedding" in edit.source_key:  # embeddings are always transposed
+        return edit
+    if conv1d is not None:
+        wanted = "transposed" if conv1d else "linear"
+        other = _flipped(edit) if edit.layout != wanted else edit
+        return other if other.shape_error(shape) is None else edit
+    if edit.shape_error(shape):
+        other = _flipped(edit)
         if other.shape_error(shape) is None and len(set(shape)) == len(shape):
             return other
     return edit
@@ -129,6 +148,7 @@ def build_plan(
     extra: dict[str, str] = {}  # new output tensor (an untied head) -> its source base tensor
     warnings: list[str] = []
     config_updates: dict[str, Any] = {}
+    deferred: set[str] = set()  # embedding/head tensors whose shape check waits for the edits' order
     tied = _tied(base_config) and OUTPUT_EMBEDDING not in base
     prep = prepare_base(base, base_config)  # refuses quantized bases it cannot dequantize, before any writing
     config_updates.update(prep.config_updates)
@@ -154,8 +174,11 @@ def build_plan(
                 )
             source = extra.get(key, key)
             shape = base.infos[source].shape
-            edit = _fix_layout(targeted.edit, shape)
+            edit = _fix_layout(targeted.edit, shape, is_conv1d_weight(base_config, source))
             err = edit.shape_error(shape)
+            if err and _is_vocab_tensor(key):
+                deferred.add(key)  # checked below, in merge order: a resized vocabulary changes the shape
+                err = None
             if err:
                 raise ShapeMismatchError(
                     f"{adapter.label}: {edit.source_key!r} does not fit base tensor {key!r}: {err}; "
@@ -173,6 +196,14 @@ def build_plan(
     # adapter's LoRA applies on, so it goes first, or a later adapter's copy would wipe an earlier one's update.
     for key, edits in per_key.items():
         per_key[key] = sorted(edits, key=lambda e: not (isinstance(e, Replace) and ".base_layer." in e.source_key))
+    resized = {key: _shape_after(key, base.infos[extra.get(key, key)].shape, per_key[key]) for key in deferred}
+    resized = {key: shape for key, shape in resized.items() if shape != tuple(base.infos[extra.get(key, key)].shape)}
+    if resized:
+        config_updates["vocab_size"] = vocab = _resized_vocab(resized)
+        warnings.append(
+            f"the adapters resize the vocabulary to {vocab} tokens ({', '.join(sorted(resized))} replaced whole); "
+            "config.json's vocab_size is updated"
+        )
 
     # A tied model whose embedding or head changed must be untied to stay the model that was trained: PEFT's
     # merge would silently move both, and a loader that ties would drop one side's update. Both sides changed by
@@ -201,11 +232,14 @@ def build_plan(
     for name, info in base.infos.items():
         if name in prep.dropped:
             continue
-        tensors.append(_output(name, name, info.dtype, info.shape, per_key.get(name, []), dtype, prep))
+        shape = resized.get(name, info.shape)
+        tensors.append(_output(name, name, info.dtype, shape, per_key.get(name, []), dtype, prep))
         for new, source in extra.items():
             if source == name:
-                tensors.append(_output(new, source, info.dtype, info.shape, per_key.get(new, []), dtype, prep))
-    return MergePlan(base, tensors, warnings, config_updates)
+                shape = resized.get(new, info.shape)
+                tensors.append(_output(new, source, info.dtype, shape, per_key.get(new, []), dtype, prep))
+    _check_vocab_agrees(tensors, resized)
+    return MergePlan(base, tensors, warnings, config_updates, resized_by=_resizers(per_key, resized))
 
 
 def _output(
@@ -222,6 +256,63 @@ def _output(
         deq_dtype = prep.output_dtype(source, dtype)
         return OutputTensor(name, source, deq_dtype, tuple(shape), list(edits), prep.dequant[source])
     return OutputTensor(name, source, out_dtype, tuple(shape), list(edits))
+
+
+def _is_vocab_tensor(key: str) -> bool:
+    return key.endswith(EMBEDDING_SUFFIXES) or key.endswith(OUTPUT_EMBEDDING)
+
+
+def _shape_after(key: str, shape: tuple[int, ...], edits: list[Edit]) -> tuple[int, ...]:
+    """The shape of an embedding or head after its edits, in order.
+
+    A tokenizer with added tokens gives the trained model more vocabulary rows than the base: PEFT then saves the
+    resized embedding/head whole (``modules_to_save``, or the LoRA'd embedding's base layer), and any LoRA on it
+    has the new shape. Any other mismatch is the usual wrong-base error.
+    """
+    current = tuple(shape)
+    for edit in edits:
+        if isinstance(edit, Replace) and edit.weight == 1.0 and len(edit.T.shape) == 2 == len(current):
+            if edit.T.shape[1] == current[1]:
+                current = tuple(edit.T.shape)
+                continue
+        err = edit.shape_error(current)
+        if err:
+            raise ShapeMismatchError(
+                f"{edit.adapter}: {edit.source_key!r} does not fit base tensor {key!r}: {err}; "
+                "is this the base model the adapter was trained on?"
+            )
+    return current
+
+
+def _resized_vocab(resized: dict[str, tuple[int, ...]]) -> int:
+    rows = {shape[0] for shape in resized.values()}
+    if len(rows) > 1:
+        raise ShapeMismatchError(
+            "the adapters resize the vocabulary inconsistently ("
+            + ", ".join(f"{k}: {v[0]} rows" for k, v in sorted(resized.items()))
+            + "); merge the adapter trained with the final tokenizer alone"
+        )
+    return rows.pop()
+
+
+def _check_vocab_agrees(tensors: list[OutputTensor], resized: dict[str, tuple[int, ...]]) -> None:
+    """Every embedding and head of a resized model has the new vocabulary (a tied head untied from the old one
+    would not)."""
+    if not resized:
+        return
+    rows = next(iter(resized.values()))[0]
+    for out in tensors:
+        if _is_vocab_tensor(out.name) and len(out.shape) == 2 and out.shape[0] != rows:
+            raise ShapeMismatchError(
+                f"the adapters resize the vocabulary to {rows} tokens but leave {out.name!r} with {out.shape[0]} "
+                "rows; the adapter must hold the resized embedding and head whole (PEFT modules_to_save)"
+            )
+
+
+def _resizers(per_key: dict[str, list[Edit]], resized: dict[str, tuple[int, ...]]) -> list[str]:
+    """Labels of the adapters whose replacements set the new vocabulary (their tokenizer goes with it)."""
+    labels = [e.adapter for key in resized for e in per_key[key] if isinstance(e, Replace)]
+    return list(dict.fromkeys(labels))
 
 
 def _unmatched_targets(adapter: AdapterInput) -> list[str]:

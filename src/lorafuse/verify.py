@@ -33,6 +33,7 @@ from .io.extra_files import read_json
 from .io.safetensors_file import TensorInfo
 from .plan import AdapterInput, MergePlan, build_plan
 from .quantized import find_quantization_config
+from .sources import resolve_merge_inputs
 
 log = logging.getLogger("lorafuse")
 
@@ -240,7 +241,7 @@ def _load_adapters(
 
 def verify(
     merged: str | Path,
-    base: str | Path,
+    base: str | Path | None,
     adapters: Sequence[str | Path],
     weights: Sequence[float] | None = None,
     adapter_format: str | None = None,
@@ -250,16 +251,54 @@ def verify(
     logit_rtol: float | None = None,
     min_top1: float = DEFAULT_MIN_TOP1,
     device: str = "cpu",
+    cache_dir: str | Path | None = None,
 ) -> VerifyReport:
     """Verify that ``merged`` is ``base`` with ``adapters`` merged in order with ``weights``.
 
+    ``base`` and ``adapters`` are any sources ``lorafuse.merge`` takes (local paths, Hub or ModelScope ids, git
+    URLs; ``cache_dir`` for downloads); ``base=None`` takes the base named in the first adapter's config.
     Returns a :class:`VerifyReport` (``passed`` is the verdict); raises :class:`LorafuseError` on unreadable
     inputs. ``outputs=False`` skips the output-level check.
     """
     started = time.perf_counter()
-    merged_path, base_path = Path(merged), Path(base)
     if not adapters:
         raise LorafuseError("no adapter given: pass each merged adapter with --adapter, in merge order")
+    if not Path(merged).exists():  # before any download
+        raise LorafuseError(f"{merged}: no such merged model; pass the folder or file that lorafuse merge wrote")
+    sources = resolve_merge_inputs(base, adapters, adapter_format=adapter_format, cache_dir=cache_dir)
+    try:
+        report = _verify_local(
+            Path(merged),
+            sources.base,
+            sources.adapters,
+            weights,
+            adapter_format,
+            max_ulp,
+            outputs,
+            prompts,
+            logit_rtol,
+            min_top1,
+            device,
+        )
+    finally:
+        sources.cleanup()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _verify_local(
+    merged_path: Path,
+    base_path: Path,
+    adapters: Sequence[Path],
+    weights: Sequence[float] | None,
+    adapter_format: str | None,
+    max_ulp: float,
+    outputs: bool,
+    prompts: Sequence[str] | None,
+    logit_rtol: float | None,
+    min_top1: float,
+    device: str,
+) -> VerifyReport:
     weight_list = list(weights) if weights is not None else [1.0] * len(adapters)
     base_ckpt, _, _ = open_model(base_path)
     inputs: list[AdapterInput] = []
@@ -300,7 +339,6 @@ def verify(
             merged_path, base_path, list(adapters), weight_list, prompts, logit_rtol, min_top1, device, adapter_format
         )
         report.passed = report.passed and report.output.ok
-    report.seconds = time.perf_counter() - started
     return report
 
 
@@ -490,6 +528,14 @@ def check_outputs(
             transformers.utils.logging.enable_progress_bar()
 
 
+def _resize_vocab(model: Any, vocab: Any) -> None:
+    """Give the base the merged model's vocabulary size, as training with added tokens did (the adapter holds the
+    resized embedding and head whole, so the new rows' initial values do not matter)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(vocab, int) and embeddings is not None and embeddings.weight.shape[0] != vocab:
+        model.resize_token_embeddings(vocab)
+
+
 def _run_outputs(
     model_cls: Any,
     arch: str,
@@ -508,12 +554,16 @@ def _run_outputs(
     base_config = read_json(base_path / "config.json") if base_path.is_dir() else None
     quantized = find_quantization_config(base_config) is not None
 
+    merged_vocab = (read_json(merged_path / "config.json") or {}).get("vocab_size") if merged_path.is_dir() else None
+
     def load_base() -> Any:  # the first call hands over the model loaded below, later calls reload it
         if loaded:
             return loaded.pop()
         if quantized:  # transformers may not load it here (fp8 on CPU): rebuild it from our dequantization
             return _dequantized_model(model_cls, merged_path, base_path, base_config).to(device).eval()
-        return model_cls.from_pretrained(base_path, dtype=torch.float32).to(device).eval()
+        model = model_cls.from_pretrained(base_path, dtype=torch.float32)
+        _resize_vocab(model, merged_vocab)
+        return model.to(device).eval()
 
     try:
         merged_model = model_cls.from_pretrained(merged_path, dtype=torch.float32).to(device).eval()

@@ -18,8 +18,15 @@ def add_verify_options(p: argparse.ArgumentParser) -> None:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("merged", help="the merged model folder or .safetensors file")
-    p.add_argument("--base", required=True, help="the base model the adapters were merged into")
-    p.add_argument("--adapter", action="append", required=True, help="an adapter, once per adapter, in merge order")
+    p.add_argument(
+        "--base",
+        help="the base model the adapters were merged into: a path, Hub/ModelScope id or git URL "
+        "(default: the base named in the first adapter's adapter_config.json)",
+    )
+    p.add_argument(
+        "--adapter", action="append", required=True, help="an adapter (a path or source), once each, in merge order"
+    )
+    p.add_argument("--cache-dir", help="download cache for Hub/ModelScope sources (default: the hubs' own caches)")
     p.add_argument("--weight", type=float, action="append", help="each adapter's merge weight, once per adapter")
     p.add_argument("--adapter-format", default=None, help="force the adapter format instead of detecting it")
     p.add_argument("--device", default="cpu", help="cpu or cuda for the recomputation")
@@ -29,7 +36,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run_verification(
     merged: str,
-    base: str,
+    base: str | None,
     adapters: list[str],
     weights: list[float] | None,
     args: argparse.Namespace,
@@ -48,6 +55,7 @@ def run_verification(
         outputs=not getattr(args, "no_output_check", False),
         prompts=getattr(args, "prompt", None),
         device=getattr(args, "device", "cpu"),
+        cache_dir=getattr(args, "cache_dir", None),
     )
     print(json.dumps(report.to_dict(), indent=2) if as_json else render(report))
     if not report.passed:

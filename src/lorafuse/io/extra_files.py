@@ -35,6 +35,29 @@ def copy_extra_files(base_folder: Path, dest: Path, weight_files: list[Path], sk
     return copied
 
 
+# What a tokenizer consists of (transformers' fast and slow tokenizers, sentencepiece, chat templates).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def copy_tokenizer(source: Path, dest: Path) -> list[str]:
+    """Copy the tokenizer files of folder ``source`` into ``dest``, replacing those there; returns their names."""
+    names = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    for name in names:
+        shutil.copy2(source / name, dest / name)
+    return names
+
+
 def update_config(config_path: Path, updates: dict[str, Any]) -> None:
     """Apply ``updates`` to config.json at the top level and in nested model configs that carry the same key.
 

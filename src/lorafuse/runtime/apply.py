@@ -21,7 +21,7 @@ from ..edits import BiasDelta, DoraDelta, Edit, LoraDelta, with_strength
 from ..errors import AdapterError, ShapeMismatchError
 from ..keymatch import KeyMatcher
 from ..plan import AdapterInput, _fix_layout
-from .layers import LoraModule, LoraPatch, adapter_dtype, layer_kind
+from .layers import LoraModule, LoraPatch, adapter_dtype, is_conv1d_layer, layer_kind
 
 log = logging.getLogger("lorafuse")
 STATE_ATTR = "_lorafuse_runtime"
@@ -242,7 +242,7 @@ def apply_adapter(
                 )
             module, attr = table[key]
             tensor = getattr(module, attr)
-            edit = with_strength(_fix_layout(targeted.edit, tuple(tensor.shape)), strength)
+            edit = with_strength(_fix_layout(targeted.edit, tuple(tensor.shape), is_conv1d_layer(module)), strength)
             err = edit.shape_error(tuple(tensor.shape))
             if err:
                 raise ShapeMismatchError(

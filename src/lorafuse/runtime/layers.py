@@ -36,6 +36,13 @@ def layer_kind(module: nn.Module) -> Kind | None:
     return None
 
 
+def is_conv1d_layer(module: nn.Module) -> bool | None:
+    """True for transformers' GPT-2 ``Conv1D``, False for ``nn.Linear``, None for anything else (plan.py decides)."""
+    if type(module).__name__ == "Conv1D":
+        return True
+    return False if isinstance(module, nn.Linear) else None
+
+
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     """Adapter tensors stay fp32 on a half-precision base, as PEFT's ``autocast_adapter_dtype`` does."""
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
