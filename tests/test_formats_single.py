@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import lorafuse
 from lorafuse.cli import main
-from lorafuse.errors import AdapterError, ShapeMismatchError
+from lorafuse.errors import AdapterError, LorafuseError, ShapeMismatchError
 from lorafuse.formats import detect_format, read_adapter
 
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -251,3 +251,34 @@ def test_peft_weights_without_config_are_refused(tmp_path):
     save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 4)}, tmp_path / "adapter.safetensors")
     with pytest.raises(AdapterError, match="adapter_config.json"):
         detect_format(tmp_path / "adapter.safetensors")
+
+
+def test_allow_unmatched_skips_text_encoder_loras_of_a_kohya_file(tmp_path, capsys):
+    """An SD LoRA file holds UNet and text-encoder LoRAs; merged into the UNet alone, the latter have no target."""
+    base = save_base(tmp_path / "base", unet_like())
+    up, down = pair(16, 16, 2, 3)
+    t_up, t_down = pair(8, 8, 2, 4)
+    flat = Q.replace(".", "_")
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file(
+        {
+            f"lora_unet_{flat}.lora_up.weight": up,
+            f"lora_unet_{flat}.lora_down.weight": down,
+            f"{te}.lora_up.weight": t_up,
+            f"{te}.lora_down.weight": t_down,
+        },
+        tmp_path / "sd.safetensors",
+    )
+    with pytest.raises(LorafuseError, match=f"{te}.*--allow-unmatched"):
+        lorafuse.merge(base, [tmp_path / "sd.safetensors"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    report = lorafuse.merge(base, [tmp_path / "sd.safetensors"], tmp_path / "out", allow_unmatched=True)
+    assert any("1 updates" in w and te in w for w in report.warnings)
+    merged = load_file(tmp_path / "out" / "diffusion_pytorch_model.safetensors")
+    want = unet_like()
+    want[f"{Q}.weight"] = want[f"{Q}.weight"] + lora_product(up, down, (16, 16))
+    for name in want:
+        torch.testing.assert_close(merged[name], want[name], rtol=1e-6, atol=1e-6, msg=name)
+    cli = ["merge", str(base), str(tmp_path / "sd.safetensors"), "-o", str(tmp_path / "cli"), "--allow-unmatched"]
+    assert main(cli) == 0

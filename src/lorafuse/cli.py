@@ -58,6 +58,12 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="force the adapter format: peft, kohya, diffusion or plain (default: detect)",
     )
+    p.add_argument(
+        "--allow-unmatched",
+        action="store_true",
+        help="skip adapter tensors whose target the base does not have (e.g. a kohya file's text-encoder LoRAs "
+        "merged into a UNet), with a warning",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -100,6 +106,7 @@ def _merge_and_report(args: argparse.Namespace, base: str | None, adapters: list
         overwrite=args.overwrite,
         adapter_format=args.adapter_format,
         prefill=prefill,
+        allow_unmatched=args.allow_unmatched,
         **merge_source_kwargs(args),
     )
     if chosen_base_note(report):

@@ -101,6 +101,7 @@ def merge(
     work_dir: str | Path | None = None,
     default_hub: str = "hf",
     prefill: Prefill | None = None,
+    allow_unmatched: bool = False,
 ) -> MergeReport:
     """Merge ``adapters`` (in order, each scaled by its weight) into ``base`` and write the result to ``output``.
 
@@ -112,6 +113,7 @@ def merge(
     (``default_hub`` decides which hub) or a git URL; ``base=None`` takes the base named by the first adapter's
     ``adapter_config.json``. ``adapter_ref``/``adapter_subfolder``/``adapter_config``, ``cache_dir``,
     ``base_revision`` and ``work_dir`` are described in :func:`lorafuse.sources.resolve_merge_inputs`.
+    ``allow_unmatched`` skips (with a warning) adapter tensors whose target the base does not have.
     ``prefill`` is the CLI's early copy of the base into the output (:func:`lorafuse.io.prefill.speculate`); the
     caller discards it afterwards.
     """
@@ -161,7 +163,7 @@ def merge(
             inputs.append(
                 read_adapter(path, label=label, fmt=adapter_format, weight=float(weight), base_shapes=base_shapes)
             )
-        plan = build_plan(checkpoint, inputs, out_dtype, base_config)
+        plan = build_plan(checkpoint, inputs, out_dtype, base_config, allow_unmatched=allow_unmatched)
         for warning in plan.warnings:
             log.warning(warning)
         single_file = base_folder is None and output_path.suffix == ".safetensors"

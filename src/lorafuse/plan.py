@@ -141,8 +141,13 @@ def build_plan(
     dtype: torch.dtype | None = None,
     base_config: dict[str, Any] | None = None,
     check_values: bool = True,
+    allow_unmatched: bool = False,
 ) -> MergePlan:
-    """Map every adapter edit onto the base, validate, and lay out the output tensors in base order."""
+    """Map every adapter edit onto the base, validate, and lay out the output tensors in base order.
+
+    ``allow_unmatched``: adapter tensors whose target the base does not have (a kohya file's text-encoder LoRAs
+    merged into a UNet) are skipped with a warning instead of refused.
+    """
     matcher = KeyMatcher(base.keys())
     per_key: dict[str, list[Edit]] = {}
     extra: dict[str, str] = {}  # new output tensor (an untied head) -> its source base tensor
@@ -154,6 +159,7 @@ def build_plan(
     config_updates.update(prep.config_updates)
 
     for adapter in adapters:
+        skipped: list[str] = []
         for targeted in adapter.edits:
             key = matcher.resolve(targeted.target)
             if key is None and tied and targeted.target.endswith(OUTPUT_EMBEDDING):
@@ -168,9 +174,13 @@ def build_plan(
                         f"{adapter.label}: {targeted.edit.source_key!r} matches several base tensors "
                         f"({', '.join(candidates[:3])}); pass the base model the adapter was trained on"
                     )
+                if allow_unmatched:
+                    skipped.append(targeted.edit.source_key or targeted.target)
+                    continue
                 raise ShapeMismatchError(
                     f"{adapter.label}: {targeted.edit.source_key!r} targets {targeted.target!r}, which the base model "
-                    "does not have: is this the base model the adapter was trained on?"
+                    "does not have: is this the base model the adapter was trained on? (--allow-unmatched skips "
+                    "such tensors)"
                 )
             source = extra.get(key, key)
             shape = base.infos[source].shape
@@ -191,6 +201,16 @@ def build_plan(
                 )
             per_key.setdefault(key, []).append(with_strength(edit, adapter.weight))
         warnings.extend(_unmatched_targets(adapter))
+        if skipped:
+            if len(skipped) == len(adapter.edits):
+                raise ShapeMismatchError(
+                    f"{adapter.label}: none of its {len(skipped)} updates targets a base tensor (first: "
+                    f"{skipped[0]!r}); is this the base model the adapter was trained on?"
+                )
+            warnings.append(
+                f"{adapter.label}: {len(skipped)} updates target tensors the base does not have and were skipped "
+                f"(--allow-unmatched), e.g. {skipped[0]!r}"
+            )
 
     # PEFT saves a copy of a LoRA-wrapped embedding's base layer with each adapter; that copy is the weight every
     # adapter's LoRA applies on, so it goes first, or a later adapter's copy would wipe an earlier one's update.

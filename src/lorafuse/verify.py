@@ -252,11 +252,13 @@ def verify(
     min_top1: float = DEFAULT_MIN_TOP1,
     device: str = "cpu",
     cache_dir: str | Path | None = None,
+    allow_unmatched: bool = False,
 ) -> VerifyReport:
     """Verify that ``merged`` is ``base`` with ``adapters`` merged in order with ``weights``.
 
     ``base`` and ``adapters`` are any sources ``lorafuse.merge`` takes (local paths, Hub or ModelScope ids, git
     URLs; ``cache_dir`` for downloads); ``base=None`` takes the base named in the first adapter's config.
+    ``allow_unmatched`` skips adapter tensors the base has no target for, as ``lorafuse merge --allow-unmatched``.
     Returns a :class:`VerifyReport` (``passed`` is the verdict); raises :class:`LorafuseError` on unreadable
     inputs. ``outputs=False`` skips the output-level check.
     """
@@ -279,6 +281,7 @@ def verify(
             logit_rtol,
             min_top1,
             device,
+            allow_unmatched=allow_unmatched,
         )
     finally:
         sources.cleanup()
@@ -298,6 +301,8 @@ def _verify_local(
     logit_rtol: float | None,
     min_top1: float,
     device: str,
+    *,
+    allow_unmatched: bool = False,
 ) -> VerifyReport:
     weight_list = list(weights) if weights is not None else [1.0] * len(adapters)
     base_ckpt, _, _ = open_model(base_path)
@@ -310,7 +315,7 @@ def _verify_local(
     try:
         inputs = _load_adapters(adapters, weight_list, adapter_format, base_ckpt)
         base_config = read_json(base_path / "config.json") if base_path.is_dir() else None
-        plan = build_plan(base_ckpt, inputs, None, base_config, check_values=False)
+        plan = build_plan(base_ckpt, inputs, None, base_config, check_values=False, allow_unmatched=allow_unmatched)
         results = check_weights(plan, merged_ckpt, max_ulp, device)
         plan_warnings = list(plan.warnings)
     finally:

@@ -30,6 +30,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight", type=float, action="append", help="each adapter's merge weight, once per adapter")
     p.add_argument("--adapter-format", default=None, help="force the adapter format instead of detecting it")
     p.add_argument("--device", default="cpu", help="cpu or cuda for the recomputation")
+    p.add_argument("--allow-unmatched", action="store_true", help="skip adapter tensors the base has no target for")
     add_verify_options(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -56,6 +57,7 @@ def run_verification(
         prompts=getattr(args, "prompt", None),
         device=getattr(args, "device", "cpu"),
         cache_dir=getattr(args, "cache_dir", None),
+        allow_unmatched=getattr(args, "allow_unmatched", False),
     )
     print(json.dumps(report.to_dict(), indent=2) if as_json else render(report))
     if not report.passed:
@@ -81,4 +83,5 @@ def verify_after_merge(args: argparse.Namespace):
         weights=args.weight,
         adapter_format=args.adapter_format,
         device=args.device,
+        allow_unmatched=args.allow_unmatched,
     )

@@ -14,7 +14,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 
-from ..errors import AdapterError, ShapeMismatchError
+from ..errors import AdapterError
 from ..io.checkpoint import Checkpoint
 from .lowrank import UP_DOWN_DIFF_SUFFIXES, LowRankAdapter, ShapeOf, read_lowrank
 
@@ -47,7 +47,8 @@ class KohyaNames:
                 self._index["_".join(parts[i:])].append((".".join(parts), tuple(parts[:i])))
 
     def resolve(self, name: str, key: str) -> str:
-        """The dotted base module for kohya module ``name`` (``key`` names the tensor in errors)."""
+        """The dotted base module for kohya module ``name`` (``key`` names the tensor in errors); ``name`` itself
+        when no base module matches."""
         match = PREFIX_RE.match(name)
         part, rest = (match["part"], match["rest"]) if match else ("", name)
         candidates = self._index.get(rest) or self._index.get(name) or []
@@ -60,10 +61,9 @@ class KohyaNames:
         if len(modules) == 1:
             return modules[0]
         if not modules:
-            raise ShapeMismatchError(
-                f"kohya tensor {key!r} matches no tensor of the base model: is this the base model the LoRA was "
-                "trained on (diffusers-layout names, not the original single-file checkpoint)?"
-            )
+            # Left to the plan, which refuses it naming the key, or skips it with --allow-unmatched (a text
+            # encoder's LoRAs merged into a UNet alone). The undotted name matches no base tensor.
+            return name
         raise AdapterError(
             f"kohya tensor {key!r} matches several base tensors ({', '.join(modules[:3])}); "
             "merge into a model folder that holds only the component the LoRA was trained for"
