@@ -1,5 +1,7 @@
 """The shipped tiny example merges and matches PEFT."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -32,3 +34,20 @@ def test_example_cli_merge_keeps_bf16(tmp_path, capsys):
     assert "14 of 24 tensors changed" in capsys.readouterr().out
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_merge_extract_and_verify_need_no_numpy(tmp_path):
+    """numpy is not a dependency (pip install lorafuse brings none): the commands must run where it is missing."""
+    script = (
+        "import sys; sys.modules['numpy'] = None\n"  # import numpy now fails, for torch too
+        "from lorafuse.cli import main\n"
+        f"base, adapter, out = {str(EXAMPLE / 'base')!r}, {str(EXAMPLE / 'adapter')!r}, {str(tmp_path)!r}\n"
+        "assert main(['merge', base, adapter, '-o', out + '/m']) == 0\n"
+        "assert main(['verify', out + '/m', '--base', base, '--adapter', adapter, '--no-output-check']) == 0\n"
+        "assert main(['extract', base, out + '/m', '-o', out + '/x', '--rank', '4', '--min-params', '0']) == 0\n"
+        "assert main(['inspect', adapter]) == 0\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "NumPy" not in proc.stderr
+    assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "x" / "adapter_config.json").is_file()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from .errors import LorafuseError
+
+# lorafuse needs no numpy (io/byte_view.py); torch warns at import when it is missing, which would only confuse.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 __version__ = "0.1.0"
 __all__ = ["LorafuseError", "MergeReport", "merge", "__version__"]

@@ -24,6 +24,7 @@ import torch
 
 from .edits import DoraDelta, LoraDelta
 from .errors import DtypeOverflowError, LorafuseError, NonFiniteError
+from .io.byte_view import byte_view
 from .io.prefill import Prefill
 from .io.safetensors_file import TensorInfo, pread_into
 from .io.writer import SafetensorsShardWriter, Slot, layout_shards, safetensors_header, shard_names, tensor_bytes
@@ -202,7 +203,7 @@ class _RowMerger:
         if self._input.numel() < info.nbytes:
             self._input = torch.empty(info.nbytes, dtype=torch.uint8)
         raw = self._input[: info.nbytes]
-        pread_into(self.plan.base.fd(info.path), memoryview(raw.numpy()), info.offset, info.path)
+        pread_into(self.plan.base.fd(info.path), byte_view(raw), info.offset, info.path)
         return raw.view(info.dtype).view(info.shape)
 
     def merge_into(self, out: OutputTensor, info: TensorInfo, dst: torch.Tensor) -> None:
@@ -342,7 +343,7 @@ def _stream(
                     fd, offset = payload
                     writer.copy_range(slot, fd, offset)
                 elif kind == "pooled":
-                    writer.write_bytes(slot, memoryview(payload[: slot.nbytes].numpy()))
+                    writer.write_bytes(slot, byte_view(payload[: slot.nbytes]))
                 else:
                     writer.write_bytes(slot, tensor_bytes(payload))
                 if progress:

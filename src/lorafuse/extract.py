@@ -29,6 +29,7 @@ from . import __version__
 from .conv1d import is_conv1d_weight
 from .dtypes import is_float, parse_dtype
 from .errors import AdapterError, LorafuseError
+from .io.byte_view import byte_view
 from .io.checkpoint import Checkpoint, open_model
 from .io.extra_files import read_json
 from .io.output import AtomicOutput, check_output
@@ -270,7 +271,7 @@ def _compare_buffers() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _bytes_view(buffer: torch.Tensor) -> memoryview:
-    return memoryview(buffer.numpy()).cast("B")
+    return byte_view(buffer)
 
 
 def _equal_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

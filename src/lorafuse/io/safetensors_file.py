@@ -10,6 +10,7 @@ import torch
 
 from ..dtypes import SAFETENSORS_TO_TORCH
 from ..errors import InputError
+from .byte_view import byte_view
 from .safetensors_header import is_lfs_pointer, lfs_pointer_error, read_raw_header
 
 __all__ = ["TensorInfo", "is_lfs_pointer", "lfs_pointer_error", "pread_into", "read_header", "read_tensor"]
@@ -61,6 +62,6 @@ def read_tensor(info: TensorInfo, fd: int) -> torch.Tensor:
     """Read one tensor into fresh memory owned by the returned tensor."""
     out = torch.empty(info.shape, dtype=info.dtype)
     if info.nbytes:
-        view = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
+        view = byte_view(out.view(-1).view(torch.uint8))
         pread_into(fd, view, info.offset, info.path)
     return out

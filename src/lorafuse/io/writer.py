@@ -9,6 +9,7 @@ import torch
 
 from ..dtypes import TORCH_TO_SAFETENSORS
 from ..errors import LorafuseError
+from .byte_view import byte_view
 from .layout import Slot, layout_shards, parse_size, shard_names, write_index
 from .layout import safetensors_header as layout_header
 from .splice import SpliceWriter
@@ -95,7 +96,4 @@ class SafetensorsShardWriter:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a contiguous tensor, without a copy."""
-    flat = tensor.contiguous().view(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return byte_view(tensor.contiguous().view(-1).view(torch.uint8))
