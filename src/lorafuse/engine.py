@@ -191,7 +191,8 @@ class _BufferPool:
 
 
 class _RowMerger:
-    """Merges LoRA-only tensors: pread into a reused input buffer, fp32 row blocks, rounded into ``dst``."""
+    """Merges LoRA-only tensors one row block at a time: pread the block's rows into a reused input buffer, fp32
+    math in a reused scratch block, rounded into ``dst``. Per thread, memory is one block, whatever the tensor."""
 
     def __init__(self, plan: MergePlan, device: str):
         self.plan = plan
@@ -199,12 +200,16 @@ class _RowMerger:
         self._input = torch.empty(0, dtype=torch.uint8)
         self._scratch = torch.empty(0, dtype=torch.float32)
 
-    def _read(self, info: TensorInfo) -> torch.Tensor:
-        if self._input.numel() < info.nbytes:
-            self._input = torch.empty(info.nbytes, dtype=torch.uint8)
-        raw = self._input[: info.nbytes]
-        pread_into(self.plan.base.fd(info.path), byte_view(raw), info.offset, info.path)
-        return raw.view(info.dtype).view(info.shape)
+    def _read(self, info: TensorInfo, start: int = 0, rows: int | None = None) -> torch.Tensor:
+        """Rows ``start:start+rows`` of the base tensor (all of it by default), in the reused input buffer."""
+        rows = info.shape[0] if rows is None else rows
+        row_bytes = info.nbytes // info.shape[0]
+        nbytes = rows * row_bytes
+        if self._input.numel() < nbytes:
+            self._input = torch.empty(nbytes, dtype=torch.uint8)
+        raw = self._input[:nbytes]
+        pread_into(self.plan.base.fd(info.path), byte_view(raw), info.offset + start * row_bytes, info.path)
+        return raw.view(info.dtype).view(rows, *info.shape[1:])
 
     def merge_into(self, out: OutputTensor, info: TensorInfo, dst: torch.Tensor) -> None:
         """Write the merged tensor's bytes into ``dst`` (a uint8 buffer of at least ``out.nbytes``)."""
@@ -215,10 +220,9 @@ class _RowMerger:
                 self._input = torch.empty(0, dtype=torch.uint8)
 
     def _merge(self, out: OutputTensor, info: TensorInfo, dst: torch.Tensor) -> None:
-        src = self._read(info)
         target = dst[: out.nbytes].view(out.dtype).view(out.shape)
         if self.device != "cpu":  # an accelerator takes the whole tensor at once
-            target.copy_(_merge_whole(out, src, self.device))
+            target.copy_(_merge_whole(out, self._read(info), self.device))
             return
         rows = info.shape[0]
         cols = math.prod(info.shape) // rows
@@ -237,11 +241,11 @@ class _RowMerger:
         step = -(-rows // blocks)  # even blocks: no tiny last block
         if self._scratch.numel() < step * cols:
             self._scratch = torch.empty(step * cols, dtype=torch.float32)
-        src2, dst2 = src.view(rows, cols), target.view(rows, cols)
+        dst2 = target.view(rows, cols)
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             block = self._scratch[: (stop - start) * cols].view(stop - start, cols)
-            block.copy_(src2[start:stop])
+            block.copy_(self._read(info, start, stop - start).view(stop - start, cols))
             for left, right, scale in factors:
                 block.addmm_(left[start:stop], right, alpha=scale)
             _check_merged(out, block)
