@@ -34,7 +34,7 @@ class TensorRef:
 
     def load(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The tensor as fp32 (on ``device`` when given)."""
-        return self.checkpoint.get(self.name).to(device=device, dtype=torch.float32)
+        return self.checkpoint.get(self.name).to(device=device).to(torch.float32)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
