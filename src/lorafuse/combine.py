@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .dtypes import dtype_short_name, parse_dtype
-from .edits import BiasDelta, DoraDelta, LoraDelta, Replace
+from .edits import BiasDelta, DoraDelta, LoraDelta, Replace, RowReplace
 from .errors import AdapterError, LorafuseError
 from .formats import read_adapter
 from .io.checkpoint import open_model
@@ -131,6 +131,11 @@ def _collect(
                 carried[edit.source_key] = tensor
                 # Saved copies of base layers (PEFT's save_embedding_layers) are the base itself: no weight applies.
                 carried_here += ".base_layer." not in edit.source_key
+            elif isinstance(edit, RowReplace):
+                raise AdapterError(
+                    f"{inp.label}: {edit.source_key!r} holds trained token rows (PEFT trainable tokens), which "
+                    "combine does not carry; merge the adapters into the base model instead (lorafuse merge)"
+                )
             else:
                 raise AdapterError(
                     f"{inp.label}: {edit.source_key or target!r} is a {type(edit).__name__}, which a LoRA adapter "

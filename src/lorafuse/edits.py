@@ -201,6 +201,32 @@ class Replace(Edit):
 
 
 @dataclass
+class RowReplace(Edit):
+    """W[indices] = T (PEFT trainable tokens: the saved rows of an embedding replace the base's rows)."""
+
+    T: TensorRef
+    indices: tuple[int, ...]
+    weight: float = 1.0  # < 1 moves those rows only part of the way, like Replace
+
+    def refs(self) -> list[TensorRef]:
+        return [self.T]
+
+    def shape_error(self, shape: tuple[int, ...]) -> str | None:
+        if len(shape) != 2 or tuple(self.T.shape) != (len(self.indices), shape[1]):
+            return f"{len(self.indices)} token rows of shape {self.T.shape} do not fit the base tensor {tuple(shape)}"
+        if self.indices and not 0 <= min(self.indices) <= max(self.indices) < shape[0]:
+            return f"token indices {min(self.indices)}..{max(self.indices)} are outside the {shape[0]} rows"
+        return None
+
+    def apply(self, weight: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        index = torch.tensor(self.indices, dtype=torch.long, device=weight.device)
+        rows = self.T.load(weight.device)
+        if self.weight != 1.0:
+            rows = weight.index_select(0, index).lerp_(rows, self.weight)
+        return weight.index_copy_(0, index, rows)
+
+
+@dataclass
 class BiasDelta(Edit):
     """bias += scale * b (PEFT ``lora_bias``: the bias of lora_B)."""
 
@@ -236,6 +262,6 @@ def with_strength(edit: Edit, strength: float) -> Edit:
         return replace(edit, scale=edit.scale * strength)
     if isinstance(edit, FullDiff):
         return replace(edit, alpha=edit.alpha * strength)
-    if isinstance(edit, Replace):
+    if isinstance(edit, (Replace, RowReplace)):
         return replace(edit, weight=edit.weight * strength)
     raise TypeError(f"unknown edit kind {type(edit).__name__}")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .dtypes import dtype_short_name
-from .edits import BiasDelta, DoraDelta, Edit, FullDiff, LoraDelta, Replace
+from .edits import BiasDelta, DoraDelta, Edit, FullDiff, LoraDelta, Replace, RowReplace
 from .errors import InputError, LorafuseError
 from .io.checkpoint import Checkpoint, open_model
 from .io.extra_files import read_json
@@ -75,6 +75,8 @@ def _edit_kind(edit: Edit) -> str:
         return "replace"
     if isinstance(edit, BiasDelta):
         return "bias"
+    if isinstance(edit, RowReplace):
+        return "tokens"
     return type(edit).__name__
 
 
@@ -103,6 +105,8 @@ def _edit_row(target: str, edit: Edit, rslora: bool) -> dict[str, Any]:
         row["zero_effect"] = row["norm"] == 0.0
     elif isinstance(edit, Replace):
         row.update(shape=list(edit.T.shape), norm=None, zero_effect=False)  # the change depends on the base
+    elif isinstance(edit, RowReplace):  # PEFT trainable tokens: these rows of the embedding are replaced
+        row.update(shape=list(edit.T.shape), tokens=list(edit.indices), norm=None, zero_effect=False)
     else:
         row.update(norm=None, zero_effect=False)
     return row

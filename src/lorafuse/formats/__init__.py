@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..edits import RowReplace, TargetedEdit
 from ..errors import AdapterError, InputError
 from ..keymatch import KeyMatcher
-from ..plan import AdapterInput
+from ..plan import EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING, AdapterInput
 from .diffusion import read_diffusion
 from .kohya import read_kohya
 from .peft import CONFIG_NAME, read_peft_adapter
@@ -45,6 +46,13 @@ def detect_format(path: Path) -> str:
     )
 
 
+def _tokens_only(edits: list[TargetedEdit]) -> bool:
+    """True when trainable tokens are the adapter's only change to embeddings and heads: PEFT ties their rows to
+    a tied output head (the same rows moved together in training), so the pair stays tied."""
+    vocab = [e for e in edits if e.target.endswith((*EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING))]
+    return bool(vocab) and all(isinstance(e.edit, RowReplace) for e in vocab)
+
+
 def read_adapter(
     path: Path,
     label: str | None = None,
@@ -70,7 +78,7 @@ def read_adapter(
             weight=weight,
             target_modules=adapter.config.target_modules,
             modules=adapter.modules,
-            keep_tied=bool(adapter.config.raw.get("ensure_weight_tying", False)),
+            keep_tied=bool(adapter.config.raw.get("ensure_weight_tying", False)) or _tokens_only(adapter.edits),
             files=[adapter.checkpoint.files[0]],
             fmt="peft",
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..edits import BiasDelta, DoraDelta, Edit, LoraDelta, Replace, TargetedEdit, TensorRef
+from ..edits import BiasDelta, DoraDelta, Edit, LoraDelta, Replace, RowReplace, TargetedEdit, TensorRef
 from ..errors import AdapterError, InputError
 from ..io.checkpoint import Checkpoint
 
@@ -28,13 +28,14 @@ LORA_KEY_RE = re.compile(
     # the adapter name is never "weight"/"bias": those are the parameter (lora_B.bias must not read as an adapter)
     r"(?:\.(?!(?:weight|bias)$)(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$"
 )
+# PEFT trainable tokens (trainable_token_indices): the trained rows of an embedding, replacing the base's rows.
+TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"
 UNSUPPORTED_INIT = ("pissa", "olora", "corda", "loftq")
 UNSUPPORTED_FLAGS = (
     "use_qalora",
     "use_bdlora",
     "layer_replication",
     "target_parameters",
-    "trainable_token_indices",
     "arrow_config",
     "velora_config",
     "monteclora_config",
@@ -59,7 +60,21 @@ class AdapterConfig:
     lora_bias: bool = False
     base_model_name_or_path: str | None = None
     revision: str | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+
+    def token_indices(self, module: str, source: str) -> tuple[int, ...]:
+        """The token rows PEFT trained in ``module`` (a list applies to the one embedding that has them)."""
+        indices = self.trainable_token_indices
+        if isinstance(indices, dict):  # module name (or its last parts) -> indices
+            keys = [k for k in indices if module == k or module.endswith("." + k)]
+            indices = indices[keys[0]] if len(keys) == 1 else None
+        if not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
+            raise AdapterError(
+                f"{source}: {module!r} has trainable tokens but trainable_token_indices in adapter_config.json does "
+                "not list its token indices"
+            )
+        return tuple(indices)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str) -> AdapterConfig:
@@ -89,6 +104,7 @@ class AdapterConfig:
             lora_bias=bool(data.get("lora_bias", False)),
             base_model_name_or_path=data.get("base_model_name_or_path"),
             revision=data.get("revision"),
+            trainable_token_indices=data.get("trainable_token_indices") or None,
             raw=data,
         )
 
@@ -176,6 +192,16 @@ def edits_from_state(
             if slot in group:  # e.g. two adapter names saved in one file: never pick one silently
                 raise AdapterError(f"{source}: {group[slot]!r} and {key!r} are the same LoRA tensor; keep one adapter")
             group[slot] = key
+            continue
+        if name.endswith(TOKEN_DELTA):
+            module = name[: -len(TOKEN_DELTA)]
+            indices = config.token_indices(module, source)
+            edits.append(
+                TargetedEdit(
+                    f"{module}.weight",
+                    RowReplace(TensorRef(checkpoint, key), indices, adapter=label, source_key=key),
+                )
+            )
             continue
         if "lora_" in name or "trainable_tokens" in name:
             raise AdapterError(f"{source}: tensor {key!r} is not a LoRA tensor lorafuse understands")

@@ -52,10 +52,16 @@ class _SwapSlot:
     attr: str
     original: torch.Tensor
     entries: list[tuple[str, list[Edit]]] = field(default_factory=list)
+    # Other places holding the same parameter (a tied head), swapped along when an adapter keeps the pair tied.
+    tied: list[tuple[nn.Module, str]] = field(default_factory=list)
+
+    def _set(self, value: Any) -> None:
+        for module, attr in [(self.module, self.attr), *self.tied]:
+            setattr(module, attr, value)
 
     def rebuild(self) -> None:
         if not self.entries:
-            setattr(self.module, self.attr, self.original)
+            self._set(self.original)
             return
         base = self.original.detach().float()
         weight = base.clone()
@@ -63,10 +69,7 @@ class _SwapSlot:
             for edit in edits:
                 weight = edit.apply(weight, base)
         value = weight.to(self.original.dtype)
-        if isinstance(self.original, nn.Parameter):
-            setattr(self.module, self.attr, nn.Parameter(value, requires_grad=False))
-        else:
-            setattr(self.module, self.attr, value)
+        self._set(nn.Parameter(value, requires_grad=False) if isinstance(self.original, nn.Parameter) else value)
 
 
 @dataclass
@@ -278,12 +281,24 @@ def apply_adapter(
     for slot_key, (module, attr, edits) in frozen.items():
         slot = state.slots.get(slot_key)
         if slot is None:
-            slot = state.slots[slot_key] = _SwapSlot(module, attr, getattr(module, attr))
+            original = getattr(module, attr)
+            tied = _sharers(model, module, attr, original) if inp.keep_tied else []
+            slot = state.slots[slot_key] = _SwapSlot(module, attr, original, tied=tied)
         slot.entries.append((name, edits))
         slot.rebuild()
     state.adapters[name] = {"label": inp.label, "weight": strength, "layers": len(patches), "swapped": len(frozen)}
     state.counter += 1
     return name
+
+
+def _sharers(model: nn.Module, module: nn.Module, attr: str, value: torch.Tensor) -> list[tuple[nn.Module, str]]:
+    """Other (module, attribute) places of ``model`` that hold the very same parameter (tied weights)."""
+    return [
+        (m, name)
+        for m in model.modules()
+        for name, p in m._parameters.items()
+        if p is value and not (m is module and name == attr)
+    ]
 
 
 def _in_memory(edit: Edit) -> Edit:
