@@ -11,7 +11,6 @@ the writer thread drains a short queue. With ``device="cuda"`` each touched tens
 from __future__ import annotations
 
 import math
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from .io.byte_view import byte_view
 from .io.prefill import Prefill
 from .io.safetensors_file import TensorInfo, pread_into
 from .io.writer import SafetensorsShardWriter, Slot, layout_shards, safetensors_header, shard_names, tensor_bytes
+from .math_threads import MATH_THREADS, math_threads  # noqa: F401  (MATH_THREADS: re-exported)
 from .plan import MergePlan, OutputTensor
 
 QUEUE_DEPTH = 4
@@ -42,19 +42,6 @@ MIN_BLOCK_ROWS = 16
 POOL_MAX_BYTES = 256 << 20
 # Bytes of merged tensors computed but not yet written (one tensor may exceed it, alone).
 IN_FLIGHT_BYTES = 256 << 20
-# Threads merging LoRA-only tensors side by side (torch ops release the GIL; each op runs on one thread): half the
-# cores, up to 4, as the other half serves the writer thread, the prefill and the kernel's page-cache copies (on 2
-# cores a second math thread cost 30% more CPU time and was slower, bench/merge_bench.py --variants).
-# LORAFUSE_MATH_THREADS overrides.
-MATH_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
-
-
-def math_threads() -> int:
-    """How many threads merge LoRA-only tensors: LORAFUSE_MATH_THREADS, else half the cores, up to 4."""
-    value = os.environ.get("LORAFUSE_MATH_THREADS", "")
-    return max(1, int(value)) if value.isdigit() else MATH_THREADS
-
-
 _FINITE_LIMIT = {torch.float16: torch.finfo(torch.float16).max, torch.bfloat16: torch.finfo(torch.bfloat16).max}
 
 

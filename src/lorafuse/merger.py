@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from . import __version__
 from .dtypes import dtype_short_name, parse_dtype
 from .engine import one_math_thread, write_bin, write_safetensors
 from .errors import LorafuseError
@@ -24,46 +21,13 @@ from .io.output import AtomicOutput, check_output
 from .io.prefill import Prefill
 from .io.writer import parse_size, write_index
 from .plan import AdapterInput, MergePlan, build_plan
+from .report import PROVENANCE_NAME, MergeReport, sha256_file
 from .sources import resolve_merge_inputs
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("lorafuse")
-PROVENANCE_NAME = "lorafuse_merge.json"
-
-
-@dataclass
-class MergeReport:
-    """What a merge did (or, with ``dry_run``, would do)."""
-
-    base: str
-    adapters: list[dict[str, Any]]
-    output: str
-    dtype: str
-    format: str
-    tensors_total: int
-    tensors_touched: int
-    total_bytes: int
-    files: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    config_updates: dict[str, Any] = field(default_factory=dict)
-    copied_files: list[str] = field(default_factory=list)
-    dry_run: bool = False
-    seconds: float = 0.0
-    lorafuse_version: str = __version__
-    sources: dict[str, Any] = field(default_factory=dict)  # where base and adapters came from (lorafuse.sources)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _planned_files(plan: MergePlan, prefix: str, max_shard: int, out_format: str) -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from .errors import AdapterError, NonFiniteError, ShapeMismatchError
 from .io.checkpoint import Checkpoint
 from .keymatch import KeyMatcher
 from .quantized import BasePreparation, prepare_base
+from .targets import unmatched_targets
 
 log = logging.getLogger("lorafuse")
 
@@ -336,17 +336,7 @@ def _resizers(per_key: dict[str, list[Edit]], resized: dict[str, tuple[int, ...]
 
 
 def _unmatched_targets(adapter: AdapterInput) -> list[str]:
-    """Configured target modules that no LoRA tensor of the adapter belongs to."""
-    targets = adapter.target_modules
-    modules = list(adapter.modules)
-    if not targets or not modules:
-        return []
-    if isinstance(targets, str):
-        if targets == "all-linear" or any(re.fullmatch(targets, m) for m in modules):
-            return []
-        return [f"{adapter.label}: target_modules {targets!r} matched no module with LoRA weights"]
-    missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
-    return [f"{adapter.label}: target module {t!r} in its config matched no LoRA weights" for t in missing]
+    return unmatched_targets(adapter.label, adapter.target_modules, list(adapter.modules))
 
 
 def _check_values(adapters: list[AdapterInput]) -> list[str]:
