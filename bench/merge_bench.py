@@ -211,7 +211,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="repetitions of each command (alternating)")
     parser.add_argument("--skip-peft", action="store_true", help="do not run PEFT (slow, needs ~4 GB per scale)")
     parser.add_argument(
-        "--variants", action="store_true", help="also run lorafuse without its prefill, and with two math threads"
+        "--variants",
+        action="store_true",
+        help="also run lorafuse with the torch engine (no fast path), without its prefill, and with two math threads",
     )
     args = parser.parse_args()
 
@@ -222,7 +224,11 @@ def main() -> None:
         "cp -r": ["cp", "-r", str(base), str(out)],
         "lorafuse": [lorafuse, "merge", str(base), str(adapter), "-o", str(out)],
     }
-    envs = {"no-prefill": {"LORAFUSE_PREFILL": "0"}, "2-math": {"LORAFUSE_MATH_THREADS": "2"}}
+    envs = {
+        "torch-engine": {"LORAFUSE_FASTPATH": "0"},
+        "no-prefill": {"LORAFUSE_PREFILL": "0"},
+        "2-math": {"LORAFUSE_MATH_THREADS": "2"},
+    }
     if args.variants:
         for name in envs:
             commands[name] = commands["lorafuse"]

@@ -243,6 +243,7 @@ def _crash_on_fifth_read(monkeypatch, base_file: Path) -> list[Path]:
 
 @pytest.mark.parametrize("out_format", ["safetensors", "bin", "single-file"])
 def test_crash_mid_write_leaves_no_output(out_format, llama_untied, adapter, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LORAFUSE_FASTPATH", "0")  # the torch engine's paths (the fast path's: test_fastpath.py)
     reads = _crash_on_fifth_read(monkeypatch, llama_untied / "model.safetensors")
     if out_format == "single-file":
         base, out, extra = llama_untied / "model.safetensors", tmp_path / "merged.safetensors", []
@@ -305,7 +306,8 @@ def test_adapter_saved_as_bin(llama_untied, adapter, reference, tmp_path):
     assert report.adapters[0]["files"] == {"adapter_model.bin": digest}
 
 
-def test_cli_weights_match_api(llama_untied, adapter, tmp_path, capsys):
+def test_cli_weights_match_api(llama_untied, adapter, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LORAFUSE_FASTPATH", "0")  # byte-identical: the same engine (fast path: test_fastpath.py)
     second = make_peft_adapter(llama_untied, tmp_path / "second", target_modules=["q_proj", "o_proj"], seed=5)
     cli_out, api_out = tmp_path / "cli", tmp_path / "api"
     args = ["merge", str(llama_untied), str(adapter), str(second), "-o", str(cli_out)]

@@ -49,7 +49,8 @@ def _weight_bytes(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("shard", ["5GB", "60KB"])
-def test_cli_merge_uses_prefill_and_matches_plain_merge(llama_untied, adapter, tmp_path, prefills, shard):
+def test_cli_merge_uses_prefill_and_matches_plain_merge(llama_untied, adapter, tmp_path, prefills, shard, monkeypatch):
+    monkeypatch.setenv("LORAFUSE_FASTPATH", "0")  # the torch engine over the prefill (fastpath.py: test_fastpath.py)
     lorafuse.merge(llama_untied, [adapter], tmp_path / "plain", max_shard_size=shard)
     code = main(["merge", str(llama_untied), str(adapter), "-o", str(tmp_path / "cli"), "--max-shard-size", shard])
     assert code == 0

@@ -15,6 +15,7 @@ from .errors import LorafuseError
 
 if TYPE_CHECKING:
     from .io.prefill import Prefill
+    from .report import MergeReport
 
 log = logging.getLogger("lorafuse")
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -89,11 +90,23 @@ def run_merge(args: argparse.Namespace) -> int:
             prefill.discard()
 
 
-def _merge_and_report(args: argparse.Namespace, base: str | None, adapters: list[str], prefill: Prefill | None) -> int:
-    from .merger import merge
-    from .sources.cli_args import chosen_base_note, merge_source_kwargs
+def _fast_path_applies(args: argparse.Namespace) -> bool:
+    """The torch-free fast path (fastpath.py) may try this merge: nothing asked for that only the torch path does."""
+    sources = (args.adapter_ref, args.adapter_subfolder, args.adapter_config, args.cache_dir, args.base_revision)
+    return (
+        os.environ.get("LORAFUSE_FASTPATH", "1") != "0"  # LORAFUSE_FASTPATH=0 turns it off
+        and args.device == "cpu"
+        and args.adapter_format in (None, "peft")
+        and all(value is None for value in sources)
+    )
 
-    report = merge(
+
+def _torch_merge(
+    args: argparse.Namespace, base: str | None, adapters: list[str], prefill: Prefill | None, sources: dict
+) -> MergeReport:
+    from .merger import merge  # imports torch
+
+    return merge(
         base,
         adapters,
         args.output,
@@ -107,8 +120,20 @@ def _merge_and_report(args: argparse.Namespace, base: str | None, adapters: list
         adapter_format=args.adapter_format,
         prefill=prefill,
         allow_unmatched=args.allow_unmatched,
-        **merge_source_kwargs(args),
+        **sources,
     )
+
+
+def _merge_and_report(args: argparse.Namespace, base: str | None, adapters: list[str], prefill: Prefill | None) -> int:
+    from .sources.cli_args import chosen_base_note, merge_source_kwargs
+
+    report = None
+    if prefill is not None and base is not None and _fast_path_applies(args):
+        from .fastpath import fast_merge
+
+        report = fast_merge(base, adapters, args.output, args.weight, prefill)
+    if report is None:
+        report = _torch_merge(args, base, adapters, prefill, merge_source_kwargs(args))
     if chosen_base_note(report):
         print(f"lorafuse: {chosen_base_note(report)}", file=sys.stderr)
     # Local paths of what was merged (downloads, clones), for --verify.

@@ -17,6 +17,7 @@ from typing import Any
 from ..edits import BiasDelta, DoraDelta, Edit, LoraDelta, Replace, RowReplace, TargetedEdit, TensorRef
 from ..errors import AdapterError, InputError
 from ..io.checkpoint import Checkpoint
+from ..peft_flags import UNSUPPORTED_FLAGS, UNSUPPORTED_INIT
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "pytorch_model.bin")
@@ -30,17 +31,6 @@ LORA_KEY_RE = re.compile(
 )
 # PEFT trainable tokens (trainable_token_indices): the trained rows of an embedding, replacing the base's rows.
 TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"
-UNSUPPORTED_INIT = ("pissa", "olora", "corda", "loftq")
-UNSUPPORTED_FLAGS = (
-    "use_qalora",
-    "use_bdlora",
-    "layer_replication",
-    "target_parameters",
-    "arrow_config",
-    "velora_config",
-    "monteclora_config",
-    "alora_invocation_tokens",
-)
 
 
 @dataclass

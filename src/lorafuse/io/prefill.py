@@ -47,8 +47,12 @@ class Prefill:
         headers: list[bytes],
         slots: list[Slot],
         sources: dict[str, tuple[Path, int]],
+        base_files: list[Path] | None = None,
+        prefix: str = "model",
     ):
         self.tmp = tmp
+        self.base_files = list(base_files or [])  # the base's weight files (not copied as extra files)
+        self.prefix = prefix  # shard name prefix ("model", "diffusion_pytorch_model")
         self.names = names
         self.headers = headers
         self.slots = slots
@@ -131,6 +135,10 @@ class Prefill:
         self.used = names == self.names and headers == self.headers
         return self.used
 
+    def source(self, name: str) -> tuple[Path, int]:
+        """The base file and offset whose bytes go into the slot of ``name``."""
+        return self._sources[name]
+
     def holds(self, name: str, path: Path | str, offset: int) -> bool:
         """True when the slot of ``name`` receives the base bytes at ``offset`` of ``path``."""
         source = self._sources.get(name)
@@ -198,7 +206,7 @@ def speculate(base: str | Path, output: str | Path, max_shard_size: str | int, o
         headers = [safetensors_header(shard) for shard in shards]
         folder = AtomicOutput(output)  # its temporary folder is the one the merge writes into (it adopts it)
         try:
-            return Prefill(folder.tmp, names, headers, slots, sources).start()
+            return Prefill(folder.tmp, names, headers, slots, sources, files, prefix).start()
         except BaseException:
             folder.abort()
             raise

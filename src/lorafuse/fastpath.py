@@ -1,0 +1,319 @@
+"""`lorafuse merge` without importing torch, for the most common case: plain PEFT LoRA into safetensors.
+
+``import torch`` costs 1.1 s with a CPU build and about 4 s with a CUDA build, often more than the merge itself
+(docs/performance.md). When the CLI has a prefill (io/prefill.py: the base is a local folder of safetensors, dtype
+kept, safetensors output) and every adapter is a plain PEFT LoRA whose tensors land by exact name on 2-D float
+weights, this module does the merge with numpy: the same fp32 row-block math as the engine (W + sum of scale * B @ A,
+rounded once, round-to-nearest-even), written over the prefilled shards.
+
+It never decides anything the torch path would report: any doubt (an option it does not cover, a config flag, a
+name that needs matching, NaN/Inf or all-zero lora_B, a merged value beyond the output range, a target module that
+matched nothing) returns None before or during the merge, and the torch engine then merges (and reports) the usual
+way, rewriting every tensor the adapters touch over the same prefill.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .conv1d import is_conv1d_model
+from .errors import LorafuseError
+from .io.extra_files import copy_extra_files, read_json
+from .io.layout import write_index
+from .io.output import AtomicOutput, check_output
+from .io.prefill import Prefill
+from .io.safetensors_header import RawEntry, read_raw_header
+from .math_threads import math_threads
+from .peft_flags import UNSUPPORTED_FLAGS, UNSUPPORTED_INIT
+from .report import PROVENANCE_NAME, MergeReport, sha256_file
+from .sources import resolve_merge_inputs
+from .targets import unmatched_targets
+
+# adapter_config.json settings that change the merge in ways only the torch path handles (formats/peft.py reads
+# these; every other key is ignored there too, so ignoring it here gives the same merge).
+TORCH_ONLY_FLAGS = (
+    "use_dora",
+    "fan_in_fan_out",
+    "modules_to_save",
+    "rank_pattern",
+    "alpha_pattern",
+    "lora_bias",
+    "trainable_token_indices",
+    "ensure_weight_tying",
+    *UNSUPPORTED_FLAGS,  # refused there, with the reason
+)
+KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<kind>[AB])\.weight$")
+FLOAT_CODES = ("BF16", "F16", "F32")
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+ROW_BLOCK_BYTES = 4 << 20  # fp32 rows per block, as the torch engine (engine.py)
+F16_MAX = 65504.0
+
+
+class Fallback(Exception):
+    """The torch path must take this merge (never shown to the user)."""
+
+
+@dataclass
+class _Lora:
+    module: str
+    a: RawEntry
+    b: RawEntry
+    path: Path  # adapter_model.safetensors
+    scale: float
+
+
+def fast_merge(
+    base: str, adapters: list[str], output: str, weights: list[float] | None, prefill: Prefill
+) -> MergeReport | None:
+    """Merge as ``lorafuse.merge`` would, into ``prefill``'s folder, and commit it; None: the torch path must."""
+    started = time.perf_counter()
+    # One BLAS thread per numpy call: the merge's own threads share the cores (read when numpy loads its BLAS).
+    saved = {var: os.environ.get(var) for var in BLAS_THREAD_VARS}
+    for var in BLAS_THREAD_VARS:
+        os.environ.setdefault(var, "1")
+    try:
+        import numpy as np  # noqa: F401  (optional: the torch path needs none)
+    except ImportError:
+        return None
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+    weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    if len(weights) != len(adapters) or not Path(base).is_dir():
+        return None
+    try:  # the prefill checked the output against the base only: an adapter must never be replaced either
+        check_output(Path(output), True, [Path(base), *(Path(a) for a in adapters)])
+    except LorafuseError:
+        return None  # the torch path refuses it, with its message
+    try:
+        loras, files = _read_adapters(adapters, weights, prefill)
+        plan = _plan(loras, prefill, read_json(Path(base) / "config.json"))
+        _merge_all(plan, prefill)
+    except Fallback:
+        return None
+    sources = resolve_merge_inputs(base, adapters)
+    try:
+        return _finish(base, adapters, output, weights, prefill, plan, files, sources, started)
+    finally:
+        sources.cleanup()
+
+
+def _read_adapters(adapters: list[str], weights: list[float], prefill: Prefill) -> tuple[list[list[_Lora]], list[Path]]:
+    """Every adapter's LoRA modules, or Fallback when one is anything but plain PEFT LoRA with exact names."""
+    loras: list[list[_Lora]] = []
+    files: list[Path] = []
+    for text, weight in zip(adapters, weights):
+        folder = Path(text)
+        config = read_json(folder / "adapter_config.json")
+        path = folder / "adapter_model.safetensors"
+        if config is None or not path.is_file():
+            raise Fallback
+        if str(config.get("peft_type", "LORA")).upper() != "LORA":
+            raise Fallback
+        if any(config.get(flag) not in (None, False, [], {}, 0, "") for flag in TORCH_ONLY_FLAGS):
+            raise Fallback
+        init = str(config.get("init_lora_weights", True)).lower()
+        if str(config.get("bias", "none")) != "none" or any(init.startswith(name) for name in UNSUPPORTED_INIT):
+            raise Fallback
+        entries, _ = read_raw_header(path)
+        modules: dict[str, dict[str, RawEntry]] = {}
+        for entry in entries:
+            match = KEY_RE.match(entry.name)
+            if match is None or entry.dtype not in FLOAT_CODES:
+                raise Fallback
+            modules.setdefault(match["module"], {})[match["kind"]] = entry
+        rank_alpha = float(config.get("lora_alpha", 8))
+        found: list[_Lora] = []
+        for module, pair in modules.items():
+            if set(pair) != {"A", "B"} or len(pair["A"].shape) != 2 or len(pair["B"].shape) != 2:
+                raise Fallback
+            rank = pair["A"].shape[0]
+            if rank < 1:
+                raise Fallback
+            scale = rank_alpha / math.sqrt(rank) if config.get("use_rslora") else rank_alpha / rank
+            found.append(_Lora(module, pair["A"], pair["B"], path, scale * float(weight)))
+        if not found or unmatched_targets(str(folder), config.get("target_modules"), list(modules)):
+            raise Fallback
+        loras.append(found)
+        files.append(path)
+    return loras, files
+
+
+@dataclass
+class _Target:
+    name: str
+    dtype: str
+    shape: tuple[int, int]
+    loras: list[_Lora]
+
+
+def _plan(loras: list[list[_Lora]], prefill: Prefill, base_config: dict[str, Any] | None) -> list[_Target]:
+    """Touched base tensors in output order, each with its LoRAs in adapter order; Fallback on any mismatch."""
+    if base_config is None or is_conv1d_model(base_config):
+        raise Fallback  # Conv1D layers and tied-head rules are the torch plan's
+    nested = [base_config] + [v for v in base_config.values() if isinstance(v, dict)]
+    if any("quantization_config" in c for c in nested) or any(s.dtype not in FLOAT_CODES for s in prefill.slots):
+        raise Fallback  # quantized or unusual tensors: the torch plan dequantizes or converts them
+    slots = {slot.name: slot for slot in prefill.slots}
+    per_target: dict[str, list[_Lora]] = {}
+    for adapter in loras:
+        for lora in adapter:
+            slot = slots.get(f"{lora.module}.weight")
+            if slot is None or slot.dtype not in FLOAT_CODES or len(slot.shape) != 2:
+                raise Fallback
+            rows, cols = slot.shape
+            if lora.a.shape[1] != cols or tuple(lora.b.shape) != (rows, lora.a.shape[0]):
+                raise Fallback
+            per_target.setdefault(slot.name, []).append(lora)
+    if any(name.endswith(("embed_tokens.weight", "wte.weight", "lm_head.weight")) for name in per_target):
+        raise Fallback  # embeddings and heads: tying decisions belong to the torch plan
+    return [_Target(s.name, s.dtype, tuple(s.shape), per_target[s.name]) for s in prefill.slots if s.name in per_target]
+
+
+def _load_f32(path: Path, entry: RawEntry):
+    """An adapter tensor as an fp32 numpy array; Fallback on NaN/Inf."""
+    import numpy as np
+
+    with open(path, "rb") as handle:
+        handle.seek(entry.offset)
+        raw = handle.read(entry.nbytes)
+    if len(raw) != entry.nbytes:
+        raise Fallback  # truncated: the torch path names the file
+    values = _decode(np.frombuffer(raw, dtype=np.uint8), entry.dtype).reshape(entry.shape)
+    if not np.isfinite(values).all():
+        raise Fallback
+    return values
+
+
+def _decode(raw, code: str):
+    """Little-endian bytes of a BF16/F16/F32 tensor as fp32 (bf16: the top half of an fp32)."""
+    import numpy as np
+
+    if code == "F32":
+        return raw.view("<f4").astype(np.float32, copy=True)
+    if code == "F16":
+        return raw.view("<f2").astype(np.float32)
+    return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+def _encode(values, code: str):
+    """fp32 values rounded once (to nearest, ties to even) to BF16/F16/F32 bytes; Fallback beyond the range."""
+    import numpy as np
+
+    if code == "F32":
+        return values.astype("<f4", copy=False).view(np.uint8)
+    if code == "F16":
+        if float(np.abs(values).max(initial=0.0)) > F16_MAX:
+            raise Fallback
+        return values.astype("<f2").view(np.uint8)
+    bits = values.view(np.uint32)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16  # bits + bias stays below 2**32 for finite values
+    out = rounded.astype("<u2")
+    if bool(((out & 0x7F80) == 0x7F80).any()):
+        raise Fallback  # rounded up to Inf: the torch path reports the overflow
+    return out.view(np.uint8)
+
+
+def _merge_all(plan: list[_Target], prefill: Prefill) -> None:
+    """Merge every touched tensor (threads: numpy releases the GIL in its loops and matrix products)."""
+    factors = {}  # id(_Lora) -> (scale * B, A): one adapter given twice with two weights has two _Lora objects
+    for target in plan:
+        for lora in target.loras:
+            b = _load_f32(lora.path, lora.b)
+            if not b.any():
+                raise Fallback  # no effect: the torch path warns
+            factors[id(lora)] = (b * lora.scale, _load_f32(lora.path, lora.a))
+    prefill.used = True  # its files are the output now (as when the engine adopts them)
+    fds = {name: os.open(prefill.tmp / name, os.O_WRONLY) for name in prefill.names}
+    slots = {slot.name: slot for slot in prefill.slots}
+    try:
+        with ThreadPoolExecutor(max(1, math_threads())) as pool:
+            jobs = [
+                pool.submit(_merge_one, t, [factors[id(lo)] for lo in t.loras], slots[t.name], prefill, fds)
+                for t in plan
+            ]
+            for job in jobs:
+                job.result()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _merge_one(target: _Target, factors: list, slot: Any, prefill: Prefill, fds: dict[str, int]) -> None:
+    """One tensor in row blocks: read the base rows, add the LoRA products in fp32, round once, write in place."""
+    import numpy as np
+
+    rows, cols = target.shape
+    elem = {"BF16": 2, "F16": 2, "F32": 4}[target.dtype]
+    step = max(1, min(rows, ROW_BLOCK_BYTES // (cols * 4)))
+    path, offset = prefill.source(target.name)
+    out_fd = fds[prefill.names[slot.shard]]
+    prefill.wait_for(target.name)  # the prefill's copy of this slot is done: writing over it is final
+    with open(path, "rb", buffering=0) as src:
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            raw = os.pread(src.fileno(), (stop - start) * cols * elem, offset + start * cols * elem)
+            if len(raw) != (stop - start) * cols * elem:
+                raise Fallback
+            block = _decode(np.frombuffer(raw, dtype=np.uint8), target.dtype).reshape(stop - start, cols)
+            for scaled_b, a in factors:
+                block += scaled_b[start:stop] @ a
+            if not np.isfinite(block).all():
+                raise Fallback
+            data = _encode(block, target.dtype)
+            written = os.pwrite(out_fd, data, slot.offset + start * cols * elem)
+            if written != data.nbytes:
+                raise OSError(f"short write to {prefill.tmp / prefill.names[slot.shard]}")
+
+
+def _finish(
+    base: str,
+    adapters: list[str],
+    output: str,
+    weights: list[float],
+    prefill: Prefill,
+    plan: list[_Target],
+    files: list[Path],
+    sources: Any,
+    started: float,
+) -> MergeReport:
+    """Index, the base's other files, provenance, then the atomic rename (as merger._write does)."""
+    prefill.finish()
+    index = f"{prefill.prefix}.safetensors.index.json" if len(prefill.names) > 1 else None
+    report = MergeReport(
+        base=str(sources.base),
+        adapters=[
+            {"path": str(a), "weight": w, "format": "peft", "files": {f.name: sha256_file(f)}}
+            for a, w, f in zip(sources.adapters, weights, files)
+        ],
+        output=str(Path(output)),
+        dtype="auto",
+        format="safetensors",
+        tensors_total=len(prefill.slots),
+        tensors_touched=len(plan),
+        total_bytes=sum(slot.nbytes for slot in prefill.slots),
+        files=list(prefill.names) + ([index] if index else []),
+        sources=sources.provenance,
+        engine="numpy",
+    )
+    out = AtomicOutput(Path(output), adopt=True)
+    if out.tmp != prefill.tmp:
+        raise OSError(f"the prefilled folder {prefill.tmp} is not the output's temporary folder {out.tmp}")
+    if index:
+        write_index(out.tmp / index, list(prefill.slots), list(prefill.names))
+    report.copied_files = copy_extra_files(Path(base), out.tmp, prefill.base_files, {PROVENANCE_NAME})
+    report.seconds = time.perf_counter() - started
+    (out.tmp / PROVENANCE_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    out.commit()
+    return report
