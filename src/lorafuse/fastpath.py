@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -207,24 +208,6 @@ def _decode(raw, code: str):
     return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
 
 
-def _encode(values, code: str):
-    """fp32 values rounded once (to nearest, ties to even) to BF16/F16/F32 bytes; Fallback beyond the range."""
-    import numpy as np
-
-    if code == "F32":
-        return values.astype("<f4", copy=False).view(np.uint8)
-    if code == "F16":
-        if float(np.abs(values).max(initial=0.0)) > F16_MAX:
-            raise Fallback
-        return values.astype("<f2").view(np.uint8)
-    bits = values.view(np.uint32)
-    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16  # bits + bias stays below 2**32 for finite values
-    out = rounded.astype("<u2")
-    if bool(((out & 0x7F80) == 0x7F80).any()):
-        raise Fallback  # rounded up to Inf: the torch path reports the overflow
-    return out.view(np.uint8)
-
-
 def _merge_all(plan: list[_Target], prefill: Prefill) -> None:
     """Merge every touched tensor (threads: numpy releases the GIL in its loops and matrix products)."""
     factors = {}  # id(_Lora) -> (scale * B, A): one adapter given twice with two weights has two _Lora objects
@@ -250,31 +233,93 @@ def _merge_all(plan: list[_Target], prefill: Prefill) -> None:
             os.close(fd)
 
 
+class _Buffers:
+    """One thread's reused block buffers (fresh 4 MB arrays per block would cost page faults every time)."""
+
+    def __init__(self, rows: int, cols: int):
+        import numpy as np
+
+        self.shape = (rows, cols)
+        self.raw = np.empty(rows * cols * 4, dtype=np.uint8)  # the base rows as read
+        self.block = np.empty((rows, cols), dtype=np.float32)  # fp32 math
+        self.product = np.empty((rows, cols), dtype=np.float32)  # one LoRA product
+        self.bits = np.empty((rows, cols), dtype=np.uint32)  # rounding to bf16
+        self.exponents = np.empty((rows, cols), dtype=np.uint16)  # its overflow check
+        self.out = np.empty(rows * cols * 4, dtype=np.uint8)  # the rounded rows as written
+
+
+_local = threading.local()
+
+
+def _buffers(rows: int, cols: int) -> _Buffers:
+    held = getattr(_local, "buffers", None)
+    if held is None or held.shape[1] != cols or held.shape[0] < rows:
+        held = _local.buffers = _Buffers(rows, cols)
+    return held
+
+
 def _merge_one(target: _Target, factors: list, slot: Any, prefill: Prefill, fds: dict[str, int]) -> None:
     """One tensor in row blocks: read the base rows, add the LoRA products in fp32, round once, write in place."""
     import numpy as np
 
     rows, cols = target.shape
-    elem = {"BF16": 2, "F16": 2, "F32": 4}[target.dtype]
+    code = target.dtype
+    elem = 4 if code == "F32" else 2
     step = max(1, min(rows, ROW_BLOCK_BYTES // (cols * 4)))
+    buf = _buffers(step, cols)
     path, offset = prefill.source(target.name)
     out_fd = fds[prefill.names[slot.shard]]
     prefill.wait_for(target.name)  # the prefill's copy of this slot is done: writing over it is final
     with open(path, "rb", buffering=0) as src:
         for start in range(0, rows, step):
-            stop = min(rows, start + step)
-            raw = os.pread(src.fileno(), (stop - start) * cols * elem, offset + start * cols * elem)
-            if len(raw) != (stop - start) * cols * elem:
-                raise Fallback
-            block = _decode(np.frombuffer(raw, dtype=np.uint8), target.dtype).reshape(stop - start, cols)
+            n = min(rows, start + step) - start
+            nbytes = n * cols * elem
+            raw = buf.raw[:nbytes]
+            if os.preadv(src.fileno(), [raw], offset + start * cols * elem) != nbytes:
+                raise Fallback  # the file changed or is truncated: the torch path names it
+            block = buf.block[:n]
+            if code == "BF16":  # bf16 is the top half of an fp32
+                np.left_shift(raw.view("<u2").reshape(n, cols), 16, out=block.view(np.uint32), dtype=np.uint32)
+            else:
+                np.copyto(block, raw.view("<f2" if code == "F16" else "<f4").reshape(n, cols))
             for scaled_b, a in factors:
-                block += scaled_b[start:stop] @ a
-            if not np.isfinite(block).all():
-                raise Fallback
-            data = _encode(block, target.dtype)
-            written = os.pwrite(out_fd, data, slot.offset + start * cols * elem)
-            if written != data.nbytes:
+                np.matmul(scaled_b[start : start + n], a, out=buf.product[:n])
+                block += buf.product[:n]
+            data = _round_into(block, code, buf, n)
+            if os.pwrite(out_fd, data, slot.offset + start * cols * elem) != data.nbytes:
                 raise OSError(f"short write to {prefill.tmp / prefill.names[slot.shard]}")
+
+
+def _round_into(block, code: str, buf: _Buffers, n: int):
+    """``block`` rounded once (to nearest, ties to even) to ``code``'s bytes in ``buf.out``; Fallback for a value
+    that is NaN, Inf or beyond the output's range (the torch path reports it)."""
+    import numpy as np
+
+    cols = block.shape[1]
+    if code == "F32":
+        if not np.isfinite(block.min() + block.max()):  # NaN propagates; Inf shows (or overflows the sum)
+            raise Fallback
+        return block
+    out = buf.out[: n * cols * 2]
+    if code == "F16":
+        peak = max(-float(block.min()), float(block.max()))
+        if not peak <= F16_MAX:  # also NaN
+            raise Fallback
+        np.copyto(out.view("<f2").reshape(n, cols), block, casting="same_kind")
+        return out
+    bits, rounded = block.view(np.uint32), buf.bits[:n]
+    np.right_shift(bits, 16, out=rounded)
+    rounded &= 1
+    rounded += 0x7FFF
+    rounded += bits  # below 2**32 for every finite value; NaN/Inf keep an all-ones exponent
+    rounded >>= 16
+    halves = out.view("<u2").reshape(n, cols)
+    np.copyto(halves, rounded, casting="unsafe")
+    exponents = buf.exponents[:n]
+    np.bitwise_and(halves, 0x7F80, out=exponents)
+    if int(exponents.max()) == 0x7F80:  # all exponent bits set: Inf or NaN after rounding
+        raise Fallback
+    return out
 
 
 def _finish(
