@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         action="store_true",
-        help="also run lorafuse with the torch engine (no fast path), without its prefill, and with two math threads",
+        help="also run lorafuse with the torch engine (no fast path), without its prefill, and with one math thread",
     )
     args = parser.parse_args()
 
@@ -227,7 +227,7 @@ def main() -> None:
     envs = {
         "torch-engine": {"LORAFUSE_FASTPATH": "0"},
         "no-prefill": {"LORAFUSE_PREFILL": "0"},
-        "2-math": {"LORAFUSE_MATH_THREADS": "2"},
+        "1-math": {"LORAFUSE_MATH_THREADS": "1"},
     }
     if args.variants:
         for name in envs:

@@ -32,7 +32,7 @@ from .io.layout import write_index
 from .io.output import AtomicOutput, check_output
 from .io.prefill import Prefill
 from .io.safetensors_header import RawEntry, read_raw_header
-from .math_threads import math_threads
+from .math_threads import fast_path_threads
 from .peft_flags import UNSUPPORTED_FLAGS, UNSUPPORTED_INIT
 from .report import PROVENANCE_NAME, MergeReport, sha256_file
 from .sources import resolve_merge_inputs
@@ -210,22 +210,17 @@ def _decode(raw, code: str):
 
 def _merge_all(plan: list[_Target], prefill: Prefill) -> None:
     """Merge every touched tensor (threads: numpy releases the GIL in its loops and matrix products)."""
-    factors = {}  # id(_Lora) -> (scale * B, A): one adapter given twice with two weights has two _Lora objects
-    for target in plan:
+    for target in plan:  # every adapter tensor checked before anything is written (NaN/Inf, all-zero lora_B)
         for lora in target.loras:
-            b = _load_f32(lora.path, lora.b)
-            if not b.any():
+            _load_f32(lora.path, lora.a)
+            if not _load_f32(lora.path, lora.b).any():
                 raise Fallback  # no effect: the torch path warns
-            factors[id(lora)] = (b * lora.scale, _load_f32(lora.path, lora.a))
     prefill.used = True  # its files are the output now (as when the engine adopts them)
     fds = {name: os.open(prefill.tmp / name, os.O_WRONLY) for name in prefill.names}
     slots = {slot.name: slot for slot in prefill.slots}
     try:
-        with ThreadPoolExecutor(max(1, math_threads())) as pool:
-            jobs = [
-                pool.submit(_merge_one, t, [factors[id(lo)] for lo in t.loras], slots[t.name], prefill, fds)
-                for t in plan
-            ]
+        with ThreadPoolExecutor(fast_path_threads()) as pool:
+            jobs = [pool.submit(_merge_one, t, slots[t.name], prefill, fds) for t in plan]
             for job in jobs:
                 job.result()
     finally:
@@ -258,9 +253,12 @@ def _buffers(rows: int, cols: int) -> _Buffers:
     return held
 
 
-def _merge_one(target: _Target, factors: list, slot: Any, prefill: Prefill, fds: dict[str, int]) -> None:
+def _merge_one(target: _Target, slot: Any, prefill: Prefill, fds: dict[str, int]) -> None:
     """One tensor in row blocks: read the base rows, add the LoRA products in fp32, round once, write in place."""
     import numpy as np
+
+    # Loaded here, one tensor's factors at a time: memory does not grow with the adapters.
+    factors = [(_load_f32(lo.path, lo.b) * np.float32(lo.scale), _load_f32(lo.path, lo.a)) for lo in target.loras]
 
     rows, cols = target.shape
     code = target.dtype
