@@ -36,7 +36,7 @@ from .math_threads import fast_path_threads
 from .peft_flags import UNSUPPORTED_FLAGS, UNSUPPORTED_INIT
 from .report import PROVENANCE_NAME, MergeReport, sha256_file
 from .sources import resolve_merge_inputs
-from .targets import unmatched_targets
+from .targets import EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING, unmatched_targets
 
 # adapter_config.json settings that change the merge in ways only the torch path handles (formats/peft.py reads
 # these; every other key is ignored there too, so ignoring it here gives the same merge).
@@ -98,11 +98,11 @@ def fast_merge(
     except LorafuseError:
         return None  # the torch path refuses it, with its message
     try:
-        loras, files = _read_adapters(adapters, weights, prefill)
+        loras, files = _read_adapters(adapters, weights)
         plan = _plan(loras, prefill, read_json(Path(base) / "config.json"))
         _merge_all(plan, prefill)
-    except Fallback:
-        return None
+    except (Fallback, LorafuseError):
+        return None  # a bad file or a failed copy: the torch path reports it in its words
     sources = resolve_merge_inputs(base, adapters)
     try:
         return _finish(base, adapters, output, weights, prefill, plan, files, sources, started)
@@ -110,7 +110,7 @@ def fast_merge(
         sources.cleanup()
 
 
-def _read_adapters(adapters: list[str], weights: list[float], prefill: Prefill) -> tuple[list[list[_Lora]], list[Path]]:
+def _read_adapters(adapters: list[str], weights: list[float]) -> tuple[list[list[_Lora]], list[Path]]:
     """Every adapter's LoRA modules, or Fallback when one is anything but plain PEFT LoRA with exact names."""
     loras: list[list[_Lora]] = []
     files: list[Path] = []
@@ -134,7 +134,7 @@ def _read_adapters(adapters: list[str], weights: list[float], prefill: Prefill) 
             if match is None or entry.dtype not in FLOAT_CODES:
                 raise Fallback
             modules.setdefault(match["module"], {})[match["kind"]] = entry
-        rank_alpha = float(config.get("lora_alpha", 8))
+        alpha = float(config.get("lora_alpha", 8))
         found: list[_Lora] = []
         for module, pair in modules.items():
             if set(pair) != {"A", "B"} or len(pair["A"].shape) != 2 or len(pair["B"].shape) != 2:
@@ -142,7 +142,7 @@ def _read_adapters(adapters: list[str], weights: list[float], prefill: Prefill) 
             rank = pair["A"].shape[0]
             if rank < 1:
                 raise Fallback
-            scale = rank_alpha / math.sqrt(rank) if config.get("use_rslora") else rank_alpha / rank
+            scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
             found.append(_Lora(module, pair["A"], pair["B"], path, scale * float(weight)))
         if not found or unmatched_targets(str(folder), config.get("target_modules"), list(modules)):
             raise Fallback
@@ -177,7 +177,7 @@ def _plan(loras: list[list[_Lora]], prefill: Prefill, base_config: dict[str, Any
             if lora.a.shape[1] != cols or tuple(lora.b.shape) != (rows, lora.a.shape[0]):
                 raise Fallback
             per_target.setdefault(slot.name, []).append(lora)
-    if any(name.endswith(("embed_tokens.weight", "wte.weight", "lm_head.weight")) for name in per_target):
+    if any(name.endswith((*EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING)) for name in per_target):
         raise Fallback  # embeddings and heads: tying decisions belong to the torch plan
     return [_Target(s.name, s.dtype, tuple(s.shape), per_target[s.name]) for s in prefill.slots if s.name in per_target]
 

@@ -21,12 +21,9 @@ from .errors import AdapterError, NonFiniteError, ShapeMismatchError
 from .io.checkpoint import Checkpoint
 from .keymatch import KeyMatcher
 from .quantized import BasePreparation, prepare_base
-from .targets import unmatched_targets
+from .targets import EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING, unmatched_targets
 
 log = logging.getLogger("lorafuse")
-
-EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
-OUTPUT_EMBEDDING = "lm_head.weight"
 
 
 @dataclass

@@ -1,9 +1,13 @@
-"""Configured target modules that matched no LoRA weights (a warning; torch-free, for the fast path too)."""
+"""Names both merge paths agree on: embeddings and the output head, and configured target modules that matched
+no LoRA weights (a warning). No torch here: the CLI's fast path uses them too."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
+
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
+OUTPUT_EMBEDDING = "lm_head.weight"
 
 
 def unmatched_targets(label: str, targets: Any, modules: list[str]) -> list[str]:
