@@ -15,7 +15,6 @@ way, rewriting every tensor the adapters touch over the same prefill.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import threading
@@ -33,7 +32,7 @@ from .io.output import AtomicOutput, check_output
 from .io.prefill import Prefill
 from .io.safetensors_header import RawEntry, read_raw_header
 from .math_threads import fast_path_threads
-from .peft_flags import UNSUPPORTED_FLAGS, UNSUPPORTED_INIT
+from .peft_flags import UNSUPPORTED_FLAGS, UNSUPPORTED_INIT, lora_scaling
 from .report import PROVENANCE_NAME, MergeReport, sha256_file
 from .sources import resolve_merge_inputs
 from .targets import EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING, unmatched_targets
@@ -142,7 +141,7 @@ def _read_adapters(adapters: list[str], weights: list[float]) -> tuple[list[list
             rank = pair["A"].shape[0]
             if rank < 1:
                 raise Fallback
-            scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+            scale = lora_scaling(alpha, rank, bool(config.get("use_rslora")))
             found.append(_Lora(module, pair["A"], pair["B"], path, scale * float(weight)))
         if not found or unmatched_targets(str(folder), config.get("target_modules"), list(modules)):
             raise Fallback

@@ -187,10 +187,7 @@ def build_plan(
                 deferred.add(key)  # checked below, in merge order: a resized vocabulary changes the shape
                 err = None
             if err:
-                raise ShapeMismatchError(
-                    f"{adapter.label}: {edit.source_key!r} does not fit base tensor {key!r}: {err}; "
-                    "is this the base model the adapter was trained on?"
-                )
+                raise _does_not_fit(adapter.label, edit, key, err)
             if not is_float(base.infos[source].dtype) and source not in prep.dequant:
                 raise AdapterError(
                     f"{adapter.label}: base tensor {key!r} is {base.infos[source].dtype} (quantized or integer); "
@@ -213,8 +210,12 @@ def build_plan(
     # adapter's LoRA applies on, so it goes first, or a later adapter's copy would wipe an earlier one's update.
     for key, edits in per_key.items():
         per_key[key] = sorted(edits, key=lambda e: not (isinstance(e, Replace) and ".base_layer." in e.source_key))
-    resized = {key: _shape_after(key, base.infos[extra.get(key, key)].shape, per_key[key]) for key in deferred}
-    resized = {key: shape for key, shape in resized.items() if shape != tuple(base.infos[extra.get(key, key)].shape)}
+    resized: dict[str, tuple[int, ...]] = {}  # embedding/head -> its new shape (a resized vocabulary)
+    for key in deferred:
+        before = tuple(base.infos[extra.get(key, key)].shape)
+        after = _shape_after(key, before, per_key[key])
+        if after != before:
+            resized[key] = after
     if resized:
         config_updates["vocab_size"] = vocab = _resized_vocab(resized)
         warnings.append(
@@ -294,11 +295,15 @@ def _shape_after(key: str, shape: tuple[int, ...], edits: list[Edit]) -> tuple[i
                 continue
         err = edit.shape_error(current)
         if err:
-            raise ShapeMismatchError(
-                f"{edit.adapter}: {edit.source_key!r} does not fit base tensor {key!r}: {err}; "
-                "is this the base model the adapter was trained on?"
-            )
+            raise _does_not_fit(edit.adapter, edit, key, err)
     return current
+
+
+def _does_not_fit(label: str, edit: Edit, key: str, err: str) -> ShapeMismatchError:
+    return ShapeMismatchError(
+        f"{label}: {edit.source_key!r} does not fit base tensor {key!r}: {err}; "
+        "is this the base model the adapter was trained on?"
+    )
 
 
 def _resized_vocab(resized: dict[str, tuple[int, ...]]) -> int:

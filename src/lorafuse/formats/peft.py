@@ -8,7 +8,6 @@ Reproduces the semantics of PEFT's ``merge_and_unload()`` for LoRA: scaling alph
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 from ..edits import BiasDelta, DoraDelta, Edit, LoraDelta, Replace, RowReplace, TargetedEdit, TensorRef
 from ..errors import AdapterError, InputError
 from ..io.checkpoint import Checkpoint
-from ..peft_flags import UNSUPPORTED_FLAGS, UNSUPPORTED_INIT
+from ..peft_flags import UNSUPPORTED_FLAGS, UNSUPPORTED_INIT, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "pytorch_model.bin")
@@ -104,7 +103,7 @@ class AdapterConfig:
         pattern = _pattern_key(self.alpha_pattern, module)
         if pattern is not None:
             alpha = float(self.alpha_pattern[pattern])
-        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+        return lora_scaling(alpha, rank, self.use_rslora)
 
 
 def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
