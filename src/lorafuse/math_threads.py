@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 
+from .cpus import usable_cpus
+
 # Threads merging LoRA-only tensors side by side (torch ops release the GIL; each op runs on one thread): half the
-# cores, up to 4, as the other half serves the writer thread, the prefill and the kernel's page-cache copies (on 2
-# cores a second math thread cost 30% more CPU time and was slower, bench/merge_bench.py --variants).
+# usable CPUs (cpus.py: affinity and cgroup quota, not the host's count), up to 4, as the other half serves the
+# writer thread, the prefill and the kernel's page-cache copies (on 2 cores a second math thread cost 30% more CPU
+# time and was slower, bench/merge_bench.py --variants).
 # LORAFUSE_MATH_THREADS overrides.
-MATH_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
+MATH_THREADS = max(1, min(4, usable_cpus() // 2))
 
 
 def math_threads() -> int:
@@ -24,4 +27,4 @@ def fast_path_threads() -> int:
     ``bench/merge_bench.py --variants`` (e.g. 1.46x against 1.75x ``cp -r``), unlike in the torch engine.
     """
     value = os.environ.get("LORAFUSE_MATH_THREADS", "")
-    return max(1, int(value)) if value.isdigit() else max(1, min(4, os.cpu_count() or 1))
+    return max(1, int(value)) if value.isdigit() else max(1, min(4, usable_cpus()))
