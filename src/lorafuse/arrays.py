@@ -1,0 +1,152 @@
+"""Tensors as numpy arrays: safetensors dtype codes, the dtype names users type, fp32 decoding and one rounding.
+
+The merge math runs in fp32 on numpy; ml_dtypes gives numpy the bf16 and fp8 types safetensors stores. Decoding
+and rounding are written so that every path (merge, extract, verify, combine) rounds the same way as torch does:
+to nearest, ties to even, once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+
+from .errors import DtypeOverflowError, LorafuseError, NonFiniteError
+
+F64 = np.dtype("<f8")
+F32 = np.dtype("<f4")
+F16 = np.dtype("<f2")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F8_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+F8_E5M2 = np.dtype(ml_dtypes.float8_e5m2)
+
+CODE_TO_DTYPE: dict[str, np.dtype] = {
+    "F64": F64,
+    "F32": F32,
+    "F16": F16,
+    "BF16": BF16,
+    "F8_E4M3": F8_E4M3,
+    "F8_E5M2": F8_E5M2,
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+DTYPE_TO_CODE: dict[np.dtype, str] = {v: k for k, v in CODE_TO_DTYPE.items()}
+
+USER_DTYPES: dict[str, np.dtype] = {
+    "fp32": F32,
+    "float32": F32,
+    "f32": F32,
+    "fp16": F16,
+    "float16": F16,
+    "half": F16,
+    "f16": F16,
+    "bf16": BF16,
+    "bfloat16": BF16,
+}
+# Dtypes that the merge math reads and writes (fp8 is a stored format: dequantized, see quantized.py).
+MATH_DTYPES = (F64, F32, F16, BF16)
+# Largest finite value per rounded output dtype (fp32 and fp64 only need the NaN/Inf check).
+FINITE_LIMIT = {F16: 65504.0, BF16: float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)}
+
+
+def dtype_of(code: str) -> np.dtype:
+    """The numpy dtype of a safetensors dtype code (``"BF16"``...)."""
+    try:
+        return CODE_TO_DTYPE[code]
+    except KeyError:
+        raise LorafuseError(f"unsupported tensor dtype {code!r}") from None
+
+
+def code_of(dtype: np.dtype) -> str:
+    """The safetensors dtype code of a numpy dtype."""
+    return DTYPE_TO_CODE[np.dtype(dtype)]
+
+
+def parse_dtype(name: str | None) -> np.dtype | None:
+    """A user's dtype name (``bf16``, ``fp16``, ``fp32``...); ``None``/``"auto"`` keeps each tensor's own dtype."""
+    if name is None or str(name).lower() == "auto":
+        return None
+    key = str(name).lower().replace("torch.", "")
+    if key not in USER_DTYPES:
+        raise LorafuseError(f"unknown dtype {name!r}: use auto, bf16, fp16 or fp32")
+    return USER_DTYPES[key]
+
+
+def short_name(dtype: np.dtype) -> str:
+    """The dtype's name in reports and config.json (``bfloat16``, ``float16``: the names torch uses too)."""
+    return np.dtype(dtype).name
+
+
+def is_float(dtype: np.dtype) -> bool:
+    """True for the dtypes the merge math and dtype conversion apply to."""
+    return np.dtype(dtype) in MATH_DTYPES
+
+
+def nbytes_of(dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of ``dtype`` and ``shape``."""
+    return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def decode_f32(raw: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
+    """Little-endian tensor bytes (uint8, or already viewed as ``dtype``) as fp32 values, into ``out`` if given.
+
+    bf16 is the top half of an fp32, so it decodes with a shift (3x faster than a cast).
+    """
+    dtype = np.dtype(dtype)
+    values = raw.view(dtype) if raw.dtype != dtype else raw
+    if out is None:
+        out = np.empty(values.shape, dtype=F32)
+    if dtype == BF16:
+        np.left_shift(values.view("<u2"), 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(out, values, casting="unsafe")
+    return out
+
+
+def round_to(values: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
+    """fp32 ``values`` rounded once to ``dtype`` (to nearest, ties to even), into ``out`` (of ``dtype``) if given.
+
+    bf16 rounds on the bits: add 0x7FFF plus the lowest kept bit, keep the top half (what torch does).
+    """
+    dtype = np.dtype(dtype)
+    if out is None:
+        out = np.empty(values.shape, dtype=dtype)
+    if dtype == values.dtype:
+        if out is not values:
+            np.copyto(out, values)
+        return out
+    if dtype == BF16 and values.dtype == F32:
+        bits = values.view(np.uint32)
+        rounded = np.right_shift(bits, 16)
+        rounded &= 1
+        rounded += 0x7FFF
+        rounded += bits  # below 2**32 for every finite value; NaN/Inf keep an all-ones exponent
+        rounded >>= 16
+        np.copyto(out.view("<u2"), rounded, casting="unsafe")
+        return out
+    np.copyto(out, values, casting="unsafe")
+    return out
+
+
+def check_values(name: str, values: np.ndarray, dtype: np.dtype) -> None:
+    """NaN/Inf in fp32 ``values``, or a value beyond ``dtype``'s range, is an error naming tensor ``name``."""
+    if values.size == 0:
+        return
+    # One pass each, no mask: NaN propagates into min and max, Inf shows as one of them.
+    low, high = float(values.min()), float(values.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise NonFiniteError(f"merged tensor {name!r} has NaN or Inf; check the adapters' weights and scales")
+    limit = FINITE_LIMIT.get(np.dtype(dtype))
+    if limit is not None and max(-low, high) > limit:
+        raise DtypeOverflowError(
+            f"tensor {name!r} reaches {max(-low, high):.4g}, beyond the {short_name(dtype)} range ({limit:.4g}); "
+            "use --dtype bf16 or fp32"
+        )
