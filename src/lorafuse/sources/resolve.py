@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, SourceError
+from ..io.model_files import real_path
 from . import adapter_config as ac
-from .git import clone, pull_lfs
+from .git import check_ref, clone, pull_lfs
 from .hub import hf_snapshot
 from .modelscope import ms_snapshot
 from .spec import Source, parse_source
@@ -56,12 +57,17 @@ def _once(work_dir: str | Path | None) -> WorkDir:
     return make
 
 
-def _local_git(src: Source, ref: str, work_dir: Path, name: str, what: str) -> tuple[Path, str]:
+def _local_git(src: Source, ref: str, work_dir: WorkDir, name: str, what: str, ref_name: str) -> tuple[Path, str]:
     path = Path(src.location).expanduser()
+    if not path.exists():
+        raise InputError(
+            f"{what} {path} does not exist: give an existing git checkout, or a git URL, with {ref_name} {ref!r}"
+        )
     if not ((path / ".git").exists() or ((path / "HEAD").is_file() and (path / "objects").is_dir())):
         raise SourceError(f"{what} {path} is a folder, not a git repository, so revision {ref!r} cannot be checked out")
-    dest = work_dir / name
-    return dest, clone(path.resolve().as_uri(), dest, ref)
+    dest = _work(work_dir) / name
+    # A file:// URL of the absolute path: a folder named like an option never reaches git as one.
+    return dest, clone(path.resolve().as_uri(), dest, ref, ref_name)
 
 
 def fetch(
@@ -84,11 +90,15 @@ def fetch(
     elif src.kind == "ms":
         root = ms_snapshot(src.location, revision, cache_dir, role, subfolder)
     elif src.kind == "git" or (src.kind == "local" and revision):
+        # Refused before any work folder is made or git runs (clone checks again, for other callers).
+        ref_name = "base revision" if role == "model" else "adapter ref"
+        if revision is not None:
+            check_ref(revision, ref_name)
         if src.kind == "git":
             root = _work(work_dir) / clone_name
-            info["commit"] = clone(src.location, root, revision)
+            info["commit"] = clone(src.location, root, revision, ref_name)
         else:
-            root, info["commit"] = _local_git(src, revision, _work(work_dir), clone_name, what)
+            root, info["commit"] = _local_git(src, revision, work_dir, clone_name, what, ref_name)
     else:
         root = Path(src.location).expanduser() if src.location.startswith("~") else Path(src.location)
         if not root.exists():
@@ -100,6 +110,8 @@ def fetch(
     if subfolder and not folder.exists():
         listing = ", ".join(sorted(p.name for p in root.iterdir() if not p.name.startswith("."))[:20]) or "nothing"
         raise SourceError(f"{src.text} has no sub-folder {subfolder!r}: it holds {listing}")
+    if subfolder:
+        real_path(folder, root)  # a sub-folder linking out of the repository (a clone recreates links) is refused
     if src.kind == "git" or "commit" in info:
         # A model needs every file (tokenizer files may be in LFS too); an adapter only its own folder's files,
         # not the other checkpoints or optimizer states a training repo may hold below it.

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SourceError
+from .git import HELPER_RE, SCHEME_RE, check_url
 
 KINDS = ("local", "hf", "ms", "git")
 HUB_SCHEMES = {"hf://": "hf", "ms://": "ms"}
-GIT_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://", "git+ssh://")
+GIT_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://", "git+ssh://", "ssh+git://")
 # ORG/NAME as both hubs spell repo ids (no leading dot, no further slashes).
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # scp-like git address: user@host:path (git@github.com:org/repo.git).
@@ -64,9 +65,12 @@ def parse_source(text: str | Path, default_hub: str = "hf", revision: str | None
             repo, rev = _split_revision(text[len(scheme) :].strip("/"), text)
             return Source(kind, repo, _merge_revision(rev, revision, text), text)
     if text.startswith(GIT_SCHEMES) or SCP_GIT_RE.match(text):
+        check_url(text)
         return Source("git", text, revision, text)
     if Path(text).expanduser().exists():
         return Source("local", text, revision, text)
+    if SCHEME_RE.match(text) or HELPER_RE.match(text):
+        check_url(text)  # a transport git would use but lorafuse refuses (ext::, fd::, ftp://): say so by name
     if not text.startswith((".", "/", "~")) and REPO_ID_RE.match(text.partition("@")[0]):
         repo, rev = _split_revision(text, text)
         return Source(default_hub, repo, _merge_revision(rev, revision, text), text)
