@@ -28,7 +28,7 @@ import torch
 from .dtypes import is_float
 from .engine import compute_tensor
 from .errors import LorafuseError
-from .io.checkpoint import Checkpoint, open_model
+from .io.checkpoint import Checkpoint, open_model, open_output
 from .io.extra_files import read_json
 from .io.safetensors_file import TensorInfo
 from .plan import AdapterInput, MergePlan, build_plan
@@ -307,8 +307,8 @@ def _verify_local(
     weight_list = list(weights) if weights is not None else [1.0] * len(adapters)
     base_ckpt, _, _ = open_model(base_path)
     inputs: list[AdapterInput] = []
-    try:
-        merged_ckpt, _, _ = open_model(merged_path)
+    try:  # through the safetensors library, not the merge's own reader: a header it wrote wrongly is caught
+        merged_ckpt = open_output(merged_path)
     except LorafuseError:
         base_ckpt.close()
         raise
@@ -379,8 +379,8 @@ def render(report: VerifyReport) -> str:
 
 
 def _dominant_float_dtype(path: Path) -> torch.dtype:
-    """The float dtype holding most of a model's parameters (sets the output-level tolerance)."""
-    checkpoint, _, _ = open_model(path)
+    """The float dtype holding most of a merged model's parameters (sets the output-level tolerance)."""
+    checkpoint = open_output(path)
     try:
         counts: dict[torch.dtype, int] = {}
         for info in checkpoint.infos.values():

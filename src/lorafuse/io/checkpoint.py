@@ -10,9 +10,11 @@ import os
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..dtypes import SAFETENSORS_TO_TORCH
 from ..errors import InputError
 from .model_files import find_model_weights
 from .safetensors_file import TensorInfo, is_lfs_pointer, lfs_pointer_error, read_header, read_tensor
@@ -121,6 +123,82 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LibraryCheckpoint(Checkpoint):
+    """A :class:`Checkpoint` of safetensors files read through the safetensors library itself, not lorafuse's reader.
+
+    ``lorafuse verify`` reads a merged output this way, so that a header the merge wrote wrongly (and that the
+    merge's own reader might accept) is caught by the library that every consumer of the file will use. Tensors are
+    read one at a time (``safe_open(...).get_tensor``); ``infos`` carry offset -1 (no byte ranges of our own).
+    """
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        if not files:
+            raise InputError("no weight files given")
+        self.files = [Path(f) for f in files]
+        self.infos = {}
+        self.metadata = {}
+        self._pickled = {}
+        self._fds = {}
+        self._handles: dict[Path, Any] = {}
+        try:
+            for path in self.files:
+                try:
+                    handle = safe_open(str(path), framework="pt")
+                except Exception as exc:  # SafetensorError, OSError: every refusal of the library
+                    raise _library_error(path, exc) from exc
+                self._handles[path] = handle
+                self.metadata.update(handle.metadata() or {})
+                for name in handle.keys():
+                    self._add(path, name, handle.get_slice(name))
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, path: Path, name: str, view: Any) -> None:
+        code, shape = view.get_dtype(), tuple(view.get_shape())
+        if code not in SAFETENSORS_TO_TORCH:
+            raise InputError(f"{path}: tensor {name!r} has dtype {code}, which lorafuse cannot read")
+        if name in self.infos:
+            raise InputError(f"tensor {name!r} appears in both {self.infos[name].path} and {path}")
+        dtype = SAFETENSORS_TO_TORCH[code]
+        numel = 1
+        for d in shape:
+            numel *= d
+        self.infos[name] = TensorInfo(name, path, dtype, shape, -1, numel * dtype.itemsize)
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.infos[name]
+        try:
+            tensor = self._handles[info.path].get_tensor(name)
+        except Exception as exc:  # the library refuses to read it after all
+            raise _library_error(info.path, exc) from exc
+        if tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
+            raise InputError(f"{info.path}: the safetensors library reads tensor {name!r} unlike its header")
+        return tensor
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+        super().close()
+
+
+def _library_error(path: Path, exc: BaseException) -> InputError:
+    reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return InputError(f"the safetensors library cannot read {path} ({reason}): the file is damaged; write it again")
+
+
+def open_output(path: Path) -> Checkpoint:
+    """Open a written model (folder or file) to check it: safetensors through the library itself, pickles safely."""
+    path = Path(path)
+    files = [path] if path.is_file() else find_model_weights(path)[0]
+    if files and all(f.suffix == SAFETENSORS_SUFFIX for f in files):
+        return LibraryCheckpoint(files)
+    return Checkpoint(files)
 
 
 def open_model(path: Path) -> tuple[Checkpoint, str, Path | None]:

@@ -36,13 +36,16 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse a safetensors header; checks that the file is long enough for every tensor it declares."""
+    """Parse a safetensors header, validated as the safetensors library does (see :func:`read_raw_header`)."""
     path = Path(path)
     entries, metadata = read_raw_header(path)
     infos: dict[str, TensorInfo] = {}
     for e in entries:
         if e.dtype not in SAFETENSORS_TO_TORCH:
-            raise InputError(f"{path}: tensor {e.name!r} has unsupported dtype {e.dtype}")
+            raise InputError(
+                f"{path}: tensor {e.name!r} has dtype {e.dtype}, which lorafuse cannot read: "
+                "convert the file to F32, F16 or BF16"
+            )
         infos[e.name] = TensorInfo(e.name, path, SAFETENSORS_TO_TORCH[e.dtype], e.shape, e.offset, e.nbytes)
     return infos, metadata
 
@@ -59,8 +62,10 @@ def pread_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
 
 
 def read_tensor(info: TensorInfo, fd: int) -> torch.Tensor:
-    """Read one tensor into fresh memory owned by the returned tensor."""
+    """Read one tensor into fresh memory owned by the returned tensor (exactly its byte range, never beyond)."""
     out = torch.empty(info.shape, dtype=info.dtype)
+    if out.numel() * out.element_size() != info.nbytes:  # read_raw_header guarantees this; never read past
+        raise InputError(f"{info.path}: tensor {info.name!r} has {info.nbytes} bytes, not dtype x shape")
     if info.nbytes:
         view = byte_view(out.view(-1).view(torch.uint8))
         pread_into(fd, view, info.offset, info.path)
