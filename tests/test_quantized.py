@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -128,7 +129,7 @@ def test_quantized_base_is_refused_before_writing(fp8_setup, tmp_path, capsys, q
     config["quantization_config"] = quant
     config["_name_or_path"] = "org/original-model"
     (base / "config.json").write_text(json.dumps(config))
-    (base / "model.safetensors").symlink_to(fp8 / "model.safetensors")
+    shutil.copy(fp8 / "model.safetensors", base / "model.safetensors")  # a link out of the folder is refused
     out = tmp_path / "merged"
     with pytest.raises(QuantizedBaseError, match="org/original-model"):
         lorafuse.merge(base, [adapter], out)
@@ -156,7 +157,7 @@ def test_fp8_scales_that_do_not_fit_are_an_error(fp8_setup, tmp_path):
     config = json.loads((fp8 / "config.json").read_text())
     config["quantization_config"]["weight_block_size"] = [128, 128]
     (base / "config.json").write_text(json.dumps(config))
-    (base / "model.safetensors").symlink_to(fp8 / "model.safetensors")
+    shutil.copy(fp8 / "model.safetensors", base / "model.safetensors")  # a link out of the folder is refused
     with pytest.raises(QuantizedBaseError, match="scales"):
         lorafuse.merge(base, [adapter], tmp_path / "merged")
     assert not (tmp_path / "merged").exists()

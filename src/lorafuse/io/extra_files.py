@@ -1,38 +1,109 @@
-"""Carry over every non-weight file of a model folder (config, tokenizer, chat template, custom code, sub-folders)."""
+"""Carry over every non-weight file of a model folder (config, tokenizer, chat template, custom code, sub-folders).
+
+What is copied is always a regular file's content, never a link: a link inside the model folder is copied as the
+file it points to; a link out of it, a broken link and a symlink loop are refused before anything is copied
+(model_files.py has the rule, including Hugging Face cache snapshots). Weight files other than the merged ones
+(a pytorch_model.bin beside model.safetensors, ``original/consolidated.safetensors``) are left out, with a warning
+naming them: they hold the unmerged model under names loaders pick up.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..errors import InputError
+from .model_files import link_roots, real_path, shown
+
+log = logging.getLogger("lorafuse")
 
 # Other copies of the weights beside the ones merged (a pytorch_model.bin next to model.safetensors, Mistral's
 # consolidated.safetensors, TF/Flax/GGUF/ONNX exports) hold the *unmerged* model under names loaders pick up.
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 
 
-def copy_extra_files(base_folder: Path, dest: Path, weight_files: list[Path], skip_names: set[str]) -> list[str]:
-    """Copy everything in ``base_folder`` except weight files, their indexes, hidden entries and what ``dest``
-    already holds (the merged weights are never replaced by a base file of the same name)."""
-    skip = {p.resolve() for p in weight_files}
-    copied: list[str] = []
-    for entry in sorted(base_folder.iterdir()):
-        if entry.name.startswith(".") or entry.name in skip_names or entry.resolve() in skip:
+@dataclass
+class _Carry:
+    """What copy_extra_files will copy, all checked before the first byte is written."""
+
+    files: list[tuple[Path, Path]] = field(default_factory=list)  # (real source file, path relative to the output)
+    weights: list[str] = field(default_factory=list)  # unmerged weight files left out, relative to the base
+
+
+def _regular(real: Path, path: Path) -> Path:
+    if not real.is_file():
+        raise InputError(f"{shown(path)} is not a regular file or folder: remove it from the model folder")
+    return real
+
+
+def _collect(
+    folder: Path, rel: Path, base: Path, roots: tuple[Path, ...], above: set[Path], carry: _Carry, skip: set[str]
+) -> None:
+    """Add what ``folder`` (``base`` itself, or a sub-folder of it at ``rel``) contributes to the output.
+
+    ``above``: the real paths of ``folder`` and the folders holding it (a link back to one is a loop);
+    ``skip``: paths (as strings) left out without a word, the merged weights and what the output already holds.
+    """
+    for entry in sorted(folder.iterdir()):
+        name = rel / entry.name
+        if entry.name.startswith(".") or entry.name.endswith(WEIGHT_INDEX_SUFFIXES):
             continue
-        if entry.name.endswith((".safetensors.index.json", ".bin.index.json")):
+        if str(name) in skip or os.path.realpath(entry) in skip:
             continue
-        if entry.is_file() and entry.name.endswith(WEIGHT_FILE_SUFFIXES):
+        if entry.name.endswith(WEIGHT_FILE_SUFFIXES) and not entry.is_dir():
+            carry.weights.append(str(name))
             continue
-        target = dest / entry.name
-        if target.exists():
-            continue
-        if entry.is_dir():
-            shutil.copytree(entry, target, ignore=shutil.ignore_patterns(".*"))
+        real = real_path(entry, base, roots)
+        if not real.is_dir():
+            carry.files.append((_regular(real, entry), name))
+        elif real in above:
+            raise InputError(
+                f"{shown(entry)} links back to {shown(real)}, a folder that holds it (a symlink loop): remove it"
+            )
         else:
-            shutil.copy2(entry, target)
-        copied.append(entry.name)
-    return copied
+            _collect(entry, name, base, roots, above | {real}, carry, skip)
+
+
+def copy_extra_files(
+    base_folder: Path,
+    dest: Path,
+    weight_files: list[Path],
+    skip_names: set[str],
+    warnings: list[str] | None = None,
+) -> list[str]:
+    """Copy everything in ``base_folder`` except weight files, their indexes, hidden entries and what ``dest``
+    already holds (the merged weights are never replaced by a base file of the same name); returns the top-level
+    names copied.
+
+    Links are checked first (InputError for one out of the folder, broken or looping; nothing is copied then).
+    Weight files not among ``weight_files``, at the top or in sub-folders, are left out with a warning, logged and
+    appended to ``warnings`` when given (the merge report's).
+    """
+    base_folder, dest = Path(base_folder), Path(dest)
+    # The output's own weights and index are never replaced by the base's files of the same names.
+    skip = {*skip_names, *(p.name for p in dest.iterdir()), *(os.path.realpath(p) for p in weight_files)}
+    carry, above = _Carry(), {Path(os.path.realpath(base_folder))}
+    _collect(base_folder, Path(), base_folder, link_roots(base_folder), above, carry, skip)
+    for real, rel in carry.files:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)  # only folders that get a file
+        shutil.copy2(real, dest / rel)  # a real path: copies the content, never a link
+    if carry.weights:
+        names = ", ".join(shown(n) for n in carry.weights[:10])
+        more = f" and {len(carry.weights) - 10} more" if len(carry.weights) > 10 else ""
+        message = (
+            f"not copied into the output: {names}{more} (weight files the merge did not use; loaders could pick up "
+            "these unmerged weights)"
+        )
+        log.warning(message)
+        if warnings is not None:
+            warnings.append(message)
+    return list(dict.fromkeys(rel.parts[0] for _, rel in carry.files))
 
 
 # What a tokenizer consists of (transformers' fast and slow tokenizers, sentencepiece, chat templates).
@@ -51,11 +122,18 @@ TOKENIZER_FILES = (
 
 
 def copy_tokenizer(source: Path, dest: Path) -> list[str]:
-    """Copy the tokenizer files of folder ``source`` into ``dest``, replacing those there; returns their names."""
-    names = [name for name in TOKENIZER_FILES if (source / name).is_file()]
-    for name in names:
-        shutil.copy2(source / name, dest / name)
-    return names
+    """Copy the tokenizer files of folder ``source`` into ``dest``, replacing those there; returns their names.
+
+    A tokenizer file that is a broken link, a symlink loop or a link out of ``source`` is an InputError (a model
+    without its tokenizer is broken, so it is never dropped silently); all are checked before one is copied.
+    """
+    source = Path(source)
+    roots = link_roots(source)
+    names = [name for name in TOKENIZER_FILES if os.path.lexists(source / name)]
+    found = [(name, _regular(real_path(source / name, source, roots), source / name)) for name in names]
+    for name, real in found:
+        shutil.copy2(real, dest / name)
+    return [name for name, _ in found]
 
 
 def update_config(config_path: Path, updates: dict[str, Any]) -> None:
@@ -65,7 +143,9 @@ def update_config(config_path: Path, updates: dict[str, Any]) -> None:
     """
     if not updates or not config_path.is_file():
         return
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path)
+    if config is None:
+        raise InputError("the base model's config.json is not a JSON object: fix it (the merge updates it)")
     for key, value in updates.items():
         if value is None:
             config.pop(key, None)
@@ -81,8 +161,9 @@ def update_config(config_path: Path, updates: dict[str, Any]) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None when it is missing, unreadable, not JSON or not an object."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: deeply nested JSON
         return None
     return data if isinstance(data, dict) else None
