@@ -280,7 +280,7 @@ def test_error_mid_write_leaves_no_output(llama_untied, adapter, tmp_path):
     out = tmp_path / "out" / "merged"
     with pytest.raises(LorafuseError, match=last.replace(".", r"\.")):
         lorafuse.merge(base, [adapter], out, dtype="fp16")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # the parent the merge created is removed with its temporary
 
 
 def test_cli_json_report(llama_untied, adapter, tmp_path, capsys):

@@ -6,8 +6,11 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from . import __version__
@@ -82,7 +85,7 @@ def run_merge(args: argparse.Namespace) -> int:
         # Before `import torch` (in merger.py): copy the base into the output meanwhile (io/prefill.py).
         from .io.prefill import speculate
 
-        prefill = speculate(base, args.output, args.max_shard_size, args.overwrite)
+        prefill = speculate(base, args.output, args.max_shard_size, args.overwrite, adapters)
     try:
         return _merge_and_report(args, base, adapters, prefill)
     finally:
@@ -194,20 +197,88 @@ def _load_commands() -> None:
                 raise
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that ``kill`` runs the same clean-up as Ctrl-C."""
+
+
+def interrupt_exit_code(exc: KeyboardInterrupt) -> int:
+    """128 + the signal number, as a shell reports a process stopped by it: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+
+
+@contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """While the body runs, SIGTERM raises :class:`Terminated` and Ctrl-C ``KeyboardInterrupt``; a second signal
+    during the clean-up that follows is ignored, so that the temporary output is removed (SIGKILL still stops it).
+    Signals a parent process set to be ignored stay ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in wanted}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        for sig in wanted:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def stdout_closed() -> int:
+    """stdout was closed early (``| head``): point it at /dev/null so that the flush at exit cannot fail again, and
+    exit as a tool stopped by SIGPIPE would (the Python docs' recipe for BrokenPipeError)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 128 + signal.SIGPIPE
+
+
+def run_guarded(body: Callable[[], int], fail: Callable[[str], None], interrupted: Callable[[str], None]) -> int:
+    """Run a console script's ``body`` with the endings all of them share: a LorafuseError is one line (``fail``)
+    and exit 1; Ctrl-C or SIGTERM one line (``interrupted``, given "interrupted" or "terminated") and exit 130 or
+    143; a closed stdout a quiet exit. An OSError that got here unhandled is one line too (the code that writes
+    turns its own into OutputErrors naming the output first)."""
+    with interrupts_raise():
+        try:
+            code = body()
+            sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
+            return code
+        except BrokenPipeError:
+            return stdout_closed()
+        except LorafuseError as exc:
+            fail(str(exc))
+            return 1
+        except KeyboardInterrupt as exc:
+            interrupted("terminated" if isinstance(exc, Terminated) else "interrupted")
+            return interrupt_exit_code(exc)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            fail(f"{exc.filename}: {reason}" if exc.filename else reason)
+            return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lorafuse`` console script."""
     _load_commands()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        return COMMANDS[args.command][1](args)
-    except LorafuseError as exc:
-        print(f"lorafuse: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("lorafuse: interrupted; nothing was written to the output", file=sys.stderr)
-        return 130
+    return run_guarded(
+        lambda: COMMANDS[args.command][1](args),
+        lambda message: print(f"lorafuse: error: {message}", file=sys.stderr),
+        lambda verb: print(f"lorafuse: {verb}; nothing was written to the output", file=sys.stderr),
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Same flags and environment defaults as that script; a bare ``ORG/NAME`` base is a ModelScope id. Differences:
 no model is instantiated (the base dtype is kept, so the old fp16-then-fp32 fallback is gone), and the output
-and work folders are emptied only when they are empty or were made by lorafuse (else ``--overwrite``).
+and work folders are emptied only when they are empty or were made by lorafuse (else ``--overwrite``), and never
+when they are, hold or lie inside an input or each other (checked before any folder is touched).
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
+from .cli import run_guarded
 from .errors import LorafuseError, OutputError
+from .io.output import check_output, describe_os_error, make_parents, refuse_overlap, remove_parents
 
 PREFIX = "[merge_adapter] "
 WORK_MARKER = ".lorafuse-work"  # left in work folders lorafuse made, so a re-run may empty them
@@ -80,8 +84,37 @@ def _is_empty(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def prepare_work_dir(work_dir: Path, overwrite: bool) -> None:
-    """Empty ``work_dir`` when it is empty, made by lorafuse (marker file) or ``overwrite``; else refuse."""
+def local_inputs(*sources) -> list[Path]:
+    """The local paths among parsed sources (local folders, ``file://`` git URLs): what no folder may touch."""
+    paths = []
+    for src in sources:
+        if src.kind == "local":
+            paths.append(Path(src.location).expanduser())
+        elif src.kind == "git" and src.location.startswith("file://"):
+            paths.append(Path(unquote(urlparse(src.location).path)))
+    return paths
+
+
+def check_folders(work_dir: Path, output_dir: Path, inputs: list[Path]) -> None:
+    """Refuse a work or output folder that is, holds or lies inside an input, an output whose parent cannot be
+    written, or work and output folders that overlap (emptying the work folder would delete the output, or the
+    reverse); before either is touched."""
+    refuse_overlap(work_dir, inputs, what="work_dir")
+    refuse_overlap(output_dir, inputs, what="output_dir")
+    check_output(output_dir, True, [])  # its parent can be written (check_output_dir: whether it may be replaced)
+    work, out = Path(os.path.realpath(work_dir)), Path(os.path.realpath(output_dir))
+    if work == out or work.is_relative_to(out) or out.is_relative_to(work):
+        raise OutputError(
+            f"work_dir {work_dir} and output_dir {output_dir} overlap (the work folder is emptied on each run): "
+            "choose two separate folders"
+        )
+
+
+def prepare_work_dir(work_dir: Path, overwrite: bool) -> list[Path]:
+    """Empty ``work_dir`` when it is empty, made by lorafuse (marker file) or ``overwrite``; else refuse.
+
+    Returns the folders created (``work_dir`` and its missing parents, deepest first): a failed run removes them.
+    """
     if work_dir.exists() and not work_dir.is_dir():
         raise OutputError(f"work_dir {work_dir} is a file: choose a folder path")
     if work_dir.is_dir() and not _is_empty(work_dir):
@@ -90,9 +123,17 @@ def prepare_work_dir(work_dir: Path, overwrite: bool) -> None:
                 f"work_dir {work_dir} is not empty and was not made by lorafuse: choose another --work_dir or "
                 "pass --overwrite to empty it"
             )
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    (work_dir / WORK_MARKER).write_text("made by lorafuse merge-adapter; emptied on the next run\n")
+    made: list[Path] = []
+    try:
+        if work_dir.is_dir() and not _is_empty(work_dir):
+            shutil.rmtree(work_dir)
+            work_dir.mkdir()
+        made = make_parents(work_dir)
+        (work_dir / WORK_MARKER).write_text("made by lorafuse merge-adapter; emptied on the next run\n")
+        return made
+    except OSError as exc:
+        remove_created(made)
+        raise OutputError(describe_os_error(exc, work_dir, what="the work_dir")) from exc
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -107,9 +148,17 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     )
 
 
+def remove_created(made: list[Path]) -> None:
+    """Remove the work folder and parents this run created (``made``, deepest first), after a failure."""
+    if made and made[0].is_dir():
+        shutil.rmtree(made[0], ignore_errors=True)
+    remove_parents(made)
+
+
 def run(args: argparse.Namespace) -> int:
     from .merger import merge
     from .sources import parse_source
+    from .sources.resolve import fetch
 
     if not args.adapter_repo_url:
         raise LorafuseError("no adapter given: set ADAPTER_REPO_URL or pass --adapter_repo_url")
@@ -124,25 +173,35 @@ def run(args: argparse.Namespace) -> int:
     elif base_src.kind == "hf" and revision == DEFAULTS["base_revision"][1]:
         revision = None  # ModelScope's default branch name; the Hub's is "main"
     work_dir, output_dir = Path(args.work_dir), Path(args.output_dir)
+    # Every check before the work folder is emptied or created: local inputs exist, no folder overlaps another.
+    adapter_src = parse_source(args.adapter_repo_url, default_hub="ms")
+    for src, role, cloned in ((base_src, "model", False), (adapter_src, "adapter", bool(args.adapter_ref))):
+        if src.kind == "local" and not src.revision and not cloned:
+            fetch(src, role=role)  # for a local path: only checks that it exists (the merge's own message)
+    check_folders(work_dir, output_dir, local_inputs(base_src, adapter_src))
     check_output_dir(output_dir, args.overwrite)
-    prepare_work_dir(work_dir, args.overwrite)
+    made = prepare_work_dir(work_dir, args.overwrite)
     where = f" (revision {revision})" if revision else ""
     say(f"base model: {args.base_model}{where}" + ("" if base_src.kind == "local" else f", cache {args.cache_dir}"))
     say(f"adapter: {args.adapter_repo_url}" + (f" at {args.adapter_ref}" if args.adapter_ref else ""))
-    report = merge(
-        args.base_model,
-        [args.adapter_repo_url],
-        output_dir,
-        dtype=args.dtype,
-        overwrite=True,  # checked above with merge-adapter's own rule
-        show_progress=False,
-        adapter_ref=args.adapter_ref or None,
-        adapter_subfolder=args.adapter_subfolder or None,
-        cache_dir=args.cache_dir or None,
-        base_revision=revision,
-        work_dir=work_dir,
-        default_hub="ms",
-    )
+    try:
+        report = merge(
+            args.base_model,
+            [args.adapter_repo_url],
+            output_dir,
+            dtype=args.dtype,
+            overwrite=True,  # checked above with merge-adapter's own rule
+            show_progress=False,
+            adapter_ref=args.adapter_ref or None,
+            adapter_subfolder=args.adapter_subfolder or None,
+            cache_dir=args.cache_dir or None,
+            base_revision=revision,
+            work_dir=work_dir,
+            default_hub="ms",
+        )
+    except BaseException:
+        remove_created(made)  # a work folder that existed before stays (emptied), as a successful run leaves it
+        raise
     say(
         f"merged {report.tensors_touched} of {report.tensors_total} tensors (dtype {report.dtype}) into "
         f"{output_dir}: {', '.join(report.files + report.copied_files)}"
@@ -151,8 +210,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_or_unexpected(args: argparse.Namespace) -> int:
+    """``run``, with any exception that is not a LorafuseError, an OSError or an interrupt as one FAILED line."""
+    try:
+        return run(args)
+    except (LorafuseError, OSError, KeyboardInterrupt):
+        raise  # one line each, in main
+    except Exception as exc:  # the script contract: every failure is one FAILED line and exit status 1
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        say(f"FAILED: unexpected {type(exc).__name__}: {exc}")
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``merge-adapter`` console script: exit 0 on success, 1 (with a FAILED line) otherwise."""
+    """Entry point of the ``merge-adapter`` console script: exit 0 on success, 1 (with a FAILED line) on failure,
+    130 on Ctrl-C and 143 on SIGTERM (the output folder unchanged, the temporary one removed)."""
     args = build_parser().parse_args(argv)
     logger = logging.getLogger("lorafuse")
     handler = _StageHandler()
@@ -161,22 +236,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.setLevel(logging.INFO)
     logger.propagate = False
     try:
-        return run(args)
-    except LorafuseError as exc:
-        say(f"FAILED: {exc}")
-    except KeyboardInterrupt:
-        say("FAILED: interrupted; the output folder was not changed")
-    except Exception as exc:  # the script contract: every failure is one FAILED line and exit status 1
-        if args.verbose:
-            import traceback
-
-            traceback.print_exc()
-        say(f"FAILED: unexpected {type(exc).__name__}: {exc}")
+        return run_guarded(
+            lambda: _run_or_unexpected(args),
+            lambda message: say(f"FAILED: {message}"),
+            lambda verb: say(f"FAILED: {verb}; the output folder was not changed"),
+        )
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
         logger.propagate = old_propagate
-    return 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .cli import run_guarded
 from .dtypes import parse_dtype
 from .edits import FullDiff, LoraDelta, TargetedEdit
 from .engine import compute_tensor, write_safetensors
@@ -22,7 +23,7 @@ from .errors import InputError, LorafuseError
 from .formats import read_adapter
 from .io.checkpoint import PICKLE_SUFFIXES, open_model
 from .io.extra_files import read_json
-from .io.output import AtomicOutput, check_output
+from .io.output import AtomicOutput, OutputState, check_output, save_torch_file
 from .keymatch import KeyMatcher
 from .plan import AdapterInput, MergePlan, build_plan
 
@@ -50,9 +51,18 @@ def check_model_type(path: str, model_type: str, what: str) -> Path:
     return model
 
 
-def _replace_existing_file(path: Path, inputs: list[Path]) -> None:
-    # The original scripts replaced an existing output file; folders are never replaced.
-    check_output(path, overwrite=path.is_file(), inputs=inputs)
+def _replace_existing_file(path: Path, inputs: list[Path]) -> OutputState:
+    # The original scripts replaced an existing output file; folders are never replaced, inputs never.
+    return check_output(path, overwrite=path.is_file(), inputs=inputs)
+
+
+def _run(prog: str, body) -> int:
+    """Run a script's body: one ``PROG: error: ...`` line and exit 1 on bad input, 130/143 when interrupted."""
+    return run_guarded(
+        body,
+        lambda message: print(f"{prog}: error: {message}", file=sys.stderr),
+        lambda verb: print(f"{prog}: {verb}; nothing was written to the output", file=sys.stderr),
+    )
 
 
 def _banner(title: str, lines: Sequence[str]) -> None:
@@ -92,44 +102,45 @@ def extractor_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lora-extractor``."""
     args = extractor_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        from .extract import extract
-        from .extract_cli import print_statistics
+    return _run("lora-extractor", lambda: _extract(args))
 
-        source = check_model_type(args.source_model, args.source_type, "source model")
-        target = check_model_type(args.target_model, args.target_type, "target model")
-        out = output_file(args.output, args.output_format)
-        _banner(
-            "LoRA Extractor Started",
-            [
-                f"Source model: {source} ({args.source_type})",
-                f"Target model: {target} ({args.target_type})",
-                f"Output path: {out} ({args.output_format})",
-                f"Output data type: {args.output_dtype}",
-                f"LoRA parameters: rank={args.rank}",
-                f"Diff only mode: {args.diff_only}",
-            ],
-        )
-        report = extract(
-            source,
-            target,
-            out,
-            rank=args.rank,
-            fmt="diffusion",
-            dtype=args.output_dtype,
-            diff_only=args.diff_only,
-            exact_svd=args.exact_svd,
-            device=args.device,
-            overwrite=out.is_file(),
-        )
-        print_statistics(report)
-        print(f"  Total extracted LoRA weights: {report.tensors_written}")
-        for warning in report.warnings:
-            print(f"Warning: {warning}")
-        print(f"LoRA weights saved to: {report.output}")
-    except LorafuseError as exc:
-        print(f"lora-extractor: error: {exc}", file=sys.stderr)
-        return 1
+
+def _extract(args: argparse.Namespace) -> int:
+    """``lora-extractor`` itself (run by extractor_main with the shared error endings)."""
+    from .extract import extract
+    from .extract_cli import print_statistics
+
+    source = check_model_type(args.source_model, args.source_type, "source model")
+    target = check_model_type(args.target_model, args.target_type, "target model")
+    out = output_file(args.output, args.output_format)
+    _banner(
+        "LoRA Extractor Started",
+        [
+            f"Source model: {source} ({args.source_type})",
+            f"Target model: {target} ({args.target_type})",
+            f"Output path: {out} ({args.output_format})",
+            f"Output data type: {args.output_dtype}",
+            f"LoRA parameters: rank={args.rank}",
+            f"Diff only mode: {args.diff_only}",
+        ],
+    )
+    report = extract(
+        source,
+        target,
+        out,
+        rank=args.rank,
+        fmt="diffusion",
+        dtype=args.output_dtype,
+        diff_only=args.diff_only,
+        exact_svd=args.exact_svd,
+        device=args.device,
+        overwrite=out.is_file(),
+    )
+    print_statistics(report)
+    print(f"  Total extracted LoRA weights: {report.tensors_written}")
+    for warning in report.warnings:
+        print(f"Warning: {warning}")
+    print(f"LoRA weights saved to: {report.output}")
     return 0
 
 
@@ -175,25 +186,25 @@ def merger_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lora-merger``."""
     args = merger_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        source = check_model_type(args.source_model, args.source_type, "source model")
-        lora = check_model_type(args.lora_model, args.lora_type, "lora model")
-        out = output_file(args.output, args.output_format)
-        _banner(
-            "LoRA Merger Started",
-            [
-                f"Source model: {source} ({args.source_type})",
-                f"LoRA weights: {lora} ({args.lora_type})",
-                f"Output path: {out} ({args.output_format})",
-                f"Output data type: {args.output_dtype}",
-                f"Merge parameters: alpha={args.alpha}",
-            ],
-        )
-        _replace_existing_file(out, [source, lora])
-        merge_file(source, lora, out, args.alpha, args.output_dtype, args.allow_unmatched, args.device)
-    except LorafuseError as exc:
-        print(f"lora-merger: error: {exc}", file=sys.stderr)
-        return 1
+    return _run("lora-merger", lambda: _merge(args))
+
+
+def _merge(args: argparse.Namespace) -> int:
+    """``lora-merger`` itself (run by merger_main with the shared error endings)."""
+    source = check_model_type(args.source_model, args.source_type, "source model")
+    lora = check_model_type(args.lora_model, args.lora_type, "lora model")
+    out = output_file(args.output, args.output_format)
+    _banner(
+        "LoRA Merger Started",
+        [
+            f"Source model: {source} ({args.source_type})",
+            f"LoRA weights: {lora} ({args.lora_type})",
+            f"Output path: {out} ({args.output_format})",
+            f"Output data type: {args.output_dtype}",
+            f"Merge parameters: alpha={args.alpha}",
+        ],
+    )
+    merge_file(source, lora, out, args.alpha, args.output_dtype, args.allow_unmatched, args.device)
     return 0
 
 
@@ -206,7 +217,12 @@ def merge_file(
     allow_unmatched: bool = False,
     device: str = "cpu",
 ) -> MergePlan:
-    """Merge ``lora`` into ``source`` with strength ``alpha`` and write one file (safetensors or ``.pt``)."""
+    """Merge ``lora`` into ``source`` with strength ``alpha`` and write one file (safetensors or ``.pt``).
+
+    An existing output file is replaced (as the original script did); an output that is or lies inside an input
+    is refused.
+    """
+    checked = _replace_existing_file(out, [source, lora])
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LorafuseError("--device cuda was asked for but no CUDA device is available: use --device cpu")
     dtype = parse_dtype(output_dtype)
@@ -228,7 +244,7 @@ def merge_file(
             print(f"Warning: {warning}")
         bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merging", leave=False)
         try:
-            with AtomicOutput(out, is_dir=False) as tmp:
+            with AtomicOutput(out, is_dir=False, checked=checked) as tmp:
                 if out.suffix == ".safetensors":
                     write_safetensors(plan, tmp.tmp.parent, "model", 1 << 62, device, bar.update, single_file=tmp.tmp)
                 else:  # torch.save needs the whole state dict in memory
@@ -236,7 +252,7 @@ def merge_file(
                     for tensor in plan.tensors:
                         state[tensor.name] = compute_tensor(plan, tensor, device).contiguous()
                         bar.update(tensor.nbytes)
-                    torch.save(state, tmp.tmp)
+                    save_torch_file(state, tmp.tmp)
                     del state
                 tmp.commit()
         finally:

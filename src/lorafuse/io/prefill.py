@@ -17,10 +17,10 @@ import os
 import threading
 from pathlib import Path
 
-from ..errors import LorafuseError
+from ..errors import LorafuseError, OutputError
 from .layout import Slot, layout_shards, parse_size, safetensors_header, shard_names
 from .model_files import find_model_weights
-from .output import AtomicOutput, check_output
+from .output import AtomicOutput, OutputState, check_output, describe_os_error
 from .safetensors_header import read_raw_header
 
 COPY_CHUNK = 128 << 20  # bytes per copy_file_range call: the cancel flag is checked between calls
@@ -37,7 +37,8 @@ class Prefill:
 
     ``names[i]`` is the file name of shard ``i`` and ``headers[i]`` its exact header bytes; ``slots`` lists every
     tensor in output order with its shard and absolute offset; ``sources`` maps a tensor name to the (file id,
-    offset) of the base bytes copied into its slot.
+    offset) of the base bytes copied into its slot. ``output`` is the merge's :class:`AtomicOutput` whose
+    temporary folder ``tmp`` is (the merge adopts it); :meth:`discard` removes it.
     """
 
     def __init__(
@@ -49,8 +50,10 @@ class Prefill:
         sources: dict[str, tuple[Path, int]],
         base_files: list[Path] | None = None,
         prefix: str = "model",
+        output: AtomicOutput | None = None,
     ):
         self.tmp = tmp
+        self.output = output
         self.base_files = list(base_files or [])  # the base's weight files (not copied as extra files)
         self.prefix = prefix  # shard name prefix ("model", "diffusion_pytorch_model")
         self.names = names
@@ -157,10 +160,20 @@ class Prefill:
             self._thread.join()
         self._raise()
 
+    @property
+    def checked(self) -> OutputState | None:
+        """What the output path held when the prefill checked it (what the final rename may replace)."""
+        return self.output.checked if self.output is not None else None
+
     def _raise(self) -> None:
         if self._error is not None:
             exc = self._error
-            raise exc if isinstance(exc, LorafuseError) else LorafuseError(f"writing the output failed: {exc}")
+            if isinstance(exc, LorafuseError):
+                raise exc
+            if isinstance(exc, OSError):  # disk full, read-only disk: the path, the reason, the fix
+                where = self.output.final if self.output is not None else self.tmp
+                raise OutputError(describe_os_error(exc, where)) from exc
+            raise LorafuseError(f"writing the output failed: {exc}") from exc
 
     def cancel(self) -> None:
         """Stop copying and remove the files written so far (the temporary folder stays)."""
@@ -175,20 +188,32 @@ class Prefill:
         """Stop and remove the temporary folder if the merge did not turn it into the output."""
         self.cancel()
         if self.tmp.is_dir():
-            AtomicOutput.remove(self.tmp)
+            if self.output is not None:
+                self.output.abort()
+            else:
+                AtomicOutput.remove(self.tmp)
 
 
-def speculate(base: str | Path, output: str | Path, max_shard_size: str | int, overwrite: bool) -> Prefill | None:
+def speculate(
+    base: str | Path,
+    output: str | Path,
+    max_shard_size: str | int,
+    overwrite: bool,
+    inputs: list[str | Path] | tuple[str | Path, ...] = (),
+) -> Prefill | None:
     """Start a prefill for merging into ``output`` from the base model folder ``base``; None when it cannot apply.
 
-    Never raises for bad input: the merge itself reports it. Applies to local folders of safetensors shards only.
+    ``inputs``: the other inputs (adapters); those that are local paths are checked against ``output`` too.
+    Never raises for bad input: the merge itself reports it. Applies to local folders of safetensors shards only,
+    and to outputs whose parent folder exists (missing parents are created only once the inputs are validated).
     """
     try:
         base_dir = Path(base)
-        if not base_dir.is_dir():
-            return None
         output = Path(output)
-        check_output(output, overwrite, [base_dir])
+        if not base_dir.is_dir() or not output.absolute().parent.is_dir():
+            return None
+        local = [Path(p) for p in inputs if Path(p).exists()]
+        checked = check_output(output, overwrite, [base_dir, *local])
         files, prefix, _index = find_model_weights(base_dir)
         if not files or any(f.suffix != ".safetensors" for f in files):
             return None
@@ -204,9 +229,9 @@ def speculate(base: str | Path, output: str | Path, max_shard_size: str | int, o
         shards = layout_shards(slots, parse_size(max_shard_size))
         names = shard_names(prefix, len(shards), ".safetensors")
         headers = [safetensors_header(shard) for shard in shards]
-        folder = AtomicOutput(output)  # its temporary folder is the one the merge writes into (it adopts it)
+        folder = AtomicOutput(output, checked=checked)  # the merge writes into (adopts) its temporary folder
         try:
-            return Prefill(folder.tmp, names, headers, slots, sources, files, prefix).start()
+            return Prefill(folder.tmp, names, headers, slots, sources, files, prefix, folder).start()
         except BaseException:
             folder.abort()
             raise

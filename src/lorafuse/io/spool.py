@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .output import save_torch_file
 from .safetensors_file import TensorInfo, read_tensor
 from .writer import Slot, safetensors_header, tensor_bytes
 
@@ -86,7 +87,7 @@ class SpoolWriter:
         for slot, offset in self._entries:
             info = TensorInfo(slot.name, self.spool_path, slot.dtype, slot.shape, offset, slot.nbytes)
             state[slot.name] = read_tensor(info, self._fd)
-        torch.save(state, path)
+        save_torch_file(state, path)  # a full disk is an OSError, not torch's RuntimeError
 
     def close(self) -> None:
         if self._fd >= 0:
