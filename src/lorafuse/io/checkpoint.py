@@ -12,12 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..dtypes import SAFETENSORS_TO_TORCH
+from ..dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS
 from ..errors import InputError
+from ..torch_bridge import to_numpy
 from .model_files import find_model_weights
-from .safetensors_file import TensorInfo, is_lfs_pointer, lfs_pointer_error, read_header, read_tensor
+from .safetensors_file import TensorInfo, is_lfs_pointer, lfs_pointer_error, read_array, read_header, read_tensor
 
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -49,6 +51,11 @@ def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _code(tensor: torch.Tensor) -> str:
+    """The safetensors dtype code of a torch tensor's dtype."""
+    return TORCH_TO_SAFETENSORS[tensor.dtype]
+
+
 class Checkpoint:
     """Lazy, read-only access to the tensors of one or more weight files.
 
@@ -74,7 +81,7 @@ class Checkpoint:
                 state = load_pickled_state_dict(path)
                 self._pickled[path] = state
                 infos = {
-                    k: TensorInfo(k, path, v.dtype, tuple(v.shape), -1, v.numel() * v.element_size())
+                    k: TensorInfo(k, path, v.dtype, tuple(v.shape), -1, v.numel() * v.element_size(), _code(v))
                     for k, v in state.items()
                 }
             for name, info in infos.items():
@@ -107,6 +114,13 @@ class Checkpoint:
         if info.path in self._pickled:
             return self._pickled[info.path][name].clone()
         return read_tensor(info, self.fd(info.path))
+
+    def array(self, name: str) -> np.ndarray:
+        """The tensor ``name`` as a numpy array in its stored dtype, in memory owned by the caller."""
+        info = self.infos[name]
+        if info.path in self._pickled:
+            return to_numpy(self._pickled[info.path][name]).copy()
+        return read_array(info, self.fd(info.path))
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.infos:
@@ -168,7 +182,7 @@ class LibraryCheckpoint(Checkpoint):
         numel = 1
         for d in shape:
             numel *= d
-        self.infos[name] = TensorInfo(name, path, dtype, shape, -1, numel * dtype.itemsize)
+        self.infos[name] = TensorInfo(name, path, dtype, shape, -1, numel * dtype.itemsize, code)
 
     def get(self, name: str) -> torch.Tensor:
         info = self.infos[name]
@@ -179,6 +193,9 @@ class LibraryCheckpoint(Checkpoint):
         if tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
             raise InputError(f"{info.path}: the safetensors library reads tensor {name!r} unlike its header")
         return tensor
+
+    def array(self, name: str) -> np.ndarray:
+        return to_numpy(self.get(name))
 
     def close(self) -> None:
         for handle in self._handles.values():
