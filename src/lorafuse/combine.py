@@ -25,15 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from . import __version__
 from .dtypes import dtype_short_name, parse_dtype
-from .edits import BiasDelta, DoraDelta, LoraDelta, Replace, RowReplace
-from .errors import AdapterError, LorafuseError
+from .edits import BiasDelta, DoraDelta, LoraDelta, Replace, RowReplace, require_finite
+from .errors import AdapterError, LorafuseError, NonFiniteError
 from .formats import read_adapter
 from .io.checkpoint import open_model
 from .io.output import AtomicOutput, check_output
+from .peft_flags import finite_number, load_config, strengths
 from .plan import EMBEDDING_SUFFIXES, AdapterInput
 
 log = logging.getLogger("lorafuse")
@@ -112,16 +113,23 @@ def _collect(
                 module = modules.setdefault(
                     name, _Module(name, _is_embedding(edit, target), edit.layout == "transposed")
                 )
-                module.factors.append(_Factor(edit.A.load(), edit.B.load(), edit.scale * weight))
+                scale = finite_number(
+                    edit.scale * weight,
+                    f"{inp.label}: the scale of {edit.source_key!r} times its weight {weight:g}",
+                    "use a smaller --weights value",
+                    AdapterError,
+                )
+                a, b = require_finite(edit.A, edit.A.load()), require_finite(edit.B, edit.B.load())
+                module.factors.append(_Factor(a, b, scale))
             elif isinstance(edit, BiasDelta):
                 name = _module_name(target)
-                bias = edit.b.load() * (edit.scale * weight)
+                bias = require_finite(edit.b, edit.b.load()) * (edit.scale * weight)
                 module = modules.get(name)
                 if module is None:
                     raise AdapterError(f"{inp.label}: {edit.source_key!r} is a lora_B bias without lora weights")
                 module.bias = bias if module.bias is None else module.bias + bias
             elif isinstance(edit, Replace) and edit.source_key.startswith(PEFT_PREFIX):
-                tensor = edit.T.load().to(edit.T.checkpoint.infos[edit.T.name].dtype)
+                tensor = require_finite(edit.T, edit.T.load()).to(edit.T.checkpoint.infos[edit.T.name].dtype)
                 previous = carried.get(edit.source_key)
                 if previous is not None and not torch.equal(previous, tensor):
                     raise AdapterError(
@@ -200,16 +208,22 @@ def _pad(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
     return A, B
 
 
+def _check_finite(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Never write a NaN/Inf adapter: finite inputs and weights can still overflow, in the stored dtype above all."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(
+                f"{key} of the combined adapter holds NaN or Inf in {dtype_short_name(dtype)}: "
+                "use smaller --weights, or --dtype fp32"
+            )
+
+
 def _first_config(path: Path) -> dict[str, Any]:
     """The first adapter's PEFT config (to keep task_type, base model ...), or {} for other formats."""
     config = path / CONFIG_NAME if path.is_dir() else None
     if config is None or not config.is_file():
         return {}
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return load_config(config).raw  # read and checked as the readers do (the adapter was read through it already)
 
 
 def _output_config(
@@ -271,14 +285,14 @@ def combine(
         raise LorafuseError("no adapter given: pass at least one adapter")
     if method not in METHODS:
         raise LorafuseError(f"unknown method {method!r}: use {', '.join(METHODS)}")
-    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
+    weights = [1.0] * len(paths) if weights is None else strengths(weights, "--weights")
     if len(weights) != len(paths):
         raise LorafuseError(f"{len(weights)} weights for {len(paths)} adapters: give one weight per adapter")
     if rank is not None and (method != "svd" or rank <= 0):
         raise LorafuseError("--rank applies to --method svd only and must be a positive integer")
     out_dtype = parse_dtype(dtype)
     output = Path(output)
-    check_output(output, overwrite, paths)
+    checked = check_output(output, overwrite, [*paths, *([Path(base)] if base is not None else [])])
 
     shapes = None
     if base is not None:
@@ -319,12 +333,14 @@ def combine(
             tensors[f"{PEFT_PREFIX}{name}.lora_B.bias"] = modules[name].bias.to(out_dtype).contiguous()  # type: ignore[union-attr]
     for key, tensor in carried.items():
         tensors.setdefault(key, tensor.contiguous())
+    _check_finite(tensors, out_dtype)
     lora_bias = any(m.bias is not None for m in modules.values())
     config = _output_config(_first_config(paths[0]), out_rank, modules, paths, lora_bias)
 
-    with AtomicOutput(output) as out:
+    with AtomicOutput(output, checked=checked) as out:
         (out.tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(out.tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        # Serialized here and written by Python: a full disk is then an OSError naming the reason.
+        (out.tmp / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
         out.commit()
 
     for warning in warnings:

@@ -12,7 +12,9 @@ from typing import Literal
 
 import torch
 
+from .errors import AdapterError, NonFiniteError
 from .io.checkpoint import Checkpoint
+from .peft_flags import finite_number
 
 Layout = Literal["linear", "transposed", "conv"]
 
@@ -37,8 +39,27 @@ class TensorRef:
         return self.checkpoint.get(self.name).to(device=device).to(torch.float32)
 
 
+def require_finite(ref: TensorRef, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (``ref`` as loaded) when it holds no NaN/Inf; else :class:`NonFiniteError` naming file and tensor."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError(f"{ref.file}: tensor {ref.name!r} holds NaN or Inf; the adapter is broken")
+    return tensor
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
+
+
+def lora_rank_error(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> str | None:
+    """Why ``lora_A``/``lora_B`` of these shapes are no LoRA pair (too few dimensions, ranks that differ, rank 0),
+    or None. The one check every reader and the plan use."""
+    if len(a_shape) < 2 or len(b_shape) < 2:
+        return f"lora_A {tuple(a_shape)} and lora_B {tuple(b_shape)} are not LoRA factors (2 or more dimensions)"
+    if a_shape[0] != b_shape[1]:
+        return f"lora_A {tuple(a_shape)} and lora_B {tuple(b_shape)} disagree on the rank"
+    if a_shape[0] == 0:
+        return f"lora_A {tuple(a_shape)} and lora_B {tuple(b_shape)} have rank 0"
+    return None
 
 
 @dataclass
@@ -95,8 +116,9 @@ class LoraDelta(Edit):
         return (out, self.A.shape[1])
 
     def shape_error(self, shape: tuple[int, ...]) -> str | None:
-        if self.A.shape[0] != (self.B.shape[1] if len(self.B.shape) > 1 else -1):
-            return f"lora_A {self.A.shape} and lora_B {self.B.shape} disagree on the rank"
+        rank_error = lora_rank_error(self.A.shape, self.B.shape)
+        if rank_error:
+            return rank_error
         if tuple(shape) != self.delta_shape():
             return f"the adapter's update has shape {self.delta_shape()} but the base tensor is {tuple(shape)}"
         return None
@@ -255,13 +277,19 @@ class TargetedEdit:
 
 
 def with_strength(edit: Edit, strength: float) -> Edit:
-    """A copy of ``edit`` whose effect is scaled by ``strength`` (the per-adapter ``--weight``)."""
+    """A copy of ``edit`` whose effect is scaled by ``strength`` (the per-adapter ``--weight``); the product must
+    stay finite (a huge alpha times a huge strength overflows)."""
     if strength == 1.0:
         return edit
+
+    def scaled(value: float) -> float:
+        what = f"{edit.adapter}: the scale of {edit.source_key!r} times the adapter's strength {strength:g}"
+        return finite_number(value * strength, what, "use a smaller strength or lora_alpha", AdapterError)
+
     if isinstance(edit, (LoraDelta, BiasDelta)):
-        return replace(edit, scale=edit.scale * strength)
+        return replace(edit, scale=scaled(edit.scale))
     if isinstance(edit, FullDiff):
-        return replace(edit, alpha=edit.alpha * strength)
+        return replace(edit, alpha=scaled(edit.alpha))
     if isinstance(edit, (Replace, RowReplace)):
-        return replace(edit, weight=edit.weight * strength)
+        return replace(edit, weight=scaled(edit.weight))
     raise TypeError(f"unknown edit kind {type(edit).__name__}")

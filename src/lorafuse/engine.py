@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ import torch
 from .edits import DoraDelta, LoraDelta
 from .errors import DtypeOverflowError, LorafuseError, NonFiniteError
 from .io.byte_view import byte_view
+from .io.output import save_torch_file
 from .io.prefill import Prefill
 from .io.safetensors_file import TensorInfo, pread_into
 from .io.writer import SafetensorsShardWriter, Slot, layout_shards, safetensors_header, shard_names, tensor_bytes
@@ -72,8 +74,29 @@ def one_math_thread() -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
+DEVICE_RE = re.compile(r"(cpu|cuda)(:\d+)?")
+
+
+def check_device(device: str) -> str:
+    """``device`` when lorafuse can run its math there (cpu, cuda, cuda:N on this machine); else one line naming it
+    and the choices. Every command that takes ``--device`` comes through here (merge, extract, verify, lora-merger)."""
+    if not isinstance(device, str) or not DEVICE_RE.fullmatch(device):
+        raise LorafuseError(f"--device {device!r} is not a device lorafuse can use: choose cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LorafuseError("--device cuda was asked for but no CUDA device is available: use --device cpu")
+        index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise LorafuseError(
+                f"--device {device}: this machine has {count} CUDA device(s): use cuda:0 to cuda:{count - 1}"
+            )
+    return device
+
+
 def compute_tensor(plan: MergePlan, out: OutputTensor, device: str = "cpu") -> torch.Tensor:
     """The output tensor ``out``: base tensor, edits applied in fp32, rounded once to the output dtype."""
+    if device != "cpu":
+        check_device(device)
     tensor = plan.base.get(out.source)
     if out.dequant is not None:  # quantized base: stored tensor -> fp32 first (quantized.py)
         tensor = out.dequant(plan.base, tensor)
@@ -124,6 +147,9 @@ def _check_range(out: OutputTensor, tensor: torch.Tensor) -> None:
     if limit is None or not tensor.is_floating_point() or tensor.numel() == 0:
         return
     peak = tensor.abs().max().item()
+    if not math.isfinite(peak):  # the base's own NaN/Inf stay NaN/Inf in any dtype (the plan warns): judge the rest
+        finite = tensor[torch.isfinite(tensor)]
+        peak = finite.abs().max().item() if finite.numel() else 0.0
     if peak > limit:
         raise DtypeOverflowError(
             f"tensor {out.name!r} reaches {peak:.4g}, beyond the {str(out.dtype).replace('torch.', '')} range "
@@ -267,6 +293,7 @@ def write_safetensors(
     ``prefill`` (io/prefill.py) is the CLI's early copy of the base into ``folder``: used when its layout is this
     plan's, else stopped and its files removed first.
     """
+    check_device(device)
     slots = _slots(plan)
     shards = layout_shards(slots, max_shard_size if single_file is None else 1 << 62)
     if single_file is not None:
@@ -408,6 +435,7 @@ def write_bin(
     progress: Callable[[int], None] | None = None,
 ) -> WrittenModel:
     """Legacy ``pytorch_model*.bin`` shards (each shard is held in memory while it is saved)."""
+    check_device(device)
     slots = _slots(plan)
     shards = layout_shards(slots, max_shard_size)
     bin_prefix = "pytorch_model" if prefix == "model" else prefix
@@ -419,7 +447,7 @@ def write_bin(
             state[slot.name] = compute_tensor(plan, outputs[slot.name], device).contiguous()
             if progress:
                 progress(slot.nbytes)
-        torch.save(state, folder / name)
+        save_torch_file(state, folder / name)  # a full disk is an OSError, not torch's RuntimeError
         del state
     index = None if len(names) == 1 else f"{bin_prefix}.bin.index.json"
     return WrittenModel(names, index, {s.name: s for s in slots}, sum(s.nbytes for s in slots))

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from . import __version__
 from .conv1d import is_conv1d_weight
 from .dtypes import is_float, parse_dtype
-from .errors import AdapterError, LorafuseError
+from .engine import check_device
+from .errors import AdapterError, LorafuseError, NonFiniteError
 from .io.byte_view import byte_view
 from .io.checkpoint import Checkpoint, open_model
 from .io.extra_files import read_json
@@ -448,13 +449,12 @@ def extract(
     if oversample < 0:
         raise LorafuseError(f"--oversample must be at least 0 (got {oversample})")
     power_iters = parse_power_iters(power_iters)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LorafuseError("--device cuda was asked for but no CUDA device is available: use --device cpu")
+    check_device(device)
     out_dtype = parse_dtype(dtype)
     base_path, tuned_path, output_path = Path(base), Path(tuned), Path(output)
     if fmt != "peft" and not output_path.name.endswith(SINGLE_FILE_SUFFIXES):
         output_path = output_path.with_name(output_path.name + ".safetensors")
-    check_output(output_path, overwrite, [base_path, tuned_path])
+    checked = check_output(output_path, overwrite, [base_path, tuned_path])
 
     base_ckpt, _prefix, _ = open_model(base_path)
     tuned_ckpt: Checkpoint | None = None
@@ -470,7 +470,7 @@ def extract(
                 f"{len(tuned_only)} tensors only in the tuned model (not extracted), e.g. {tuned_only[:3]}"
             )
         is_dir = fmt == "peft"
-        with AtomicOutput(output_path, is_dir=is_dir) as out:
+        with AtomicOutput(output_path, is_dir=is_dir, checked=checked) as out:
             spool_dir = out.tmp if is_dir else out.tmp.parent
             spool = SpoolWriter(spool_dir / f".{output_path.name}.lorafuse-spool-{os.getpid()}")
             try:
@@ -604,6 +604,8 @@ def _extract_one(
     tuned_value, base_value = pair or (workspace.read(tuned, tinfo, "tuned"), workspace.read(base, binfo, "base"))
     delta = workspace.difference(tuned_value, base_value, settings.device)
     norm = frobenius_norm(delta)
+    if not math.isfinite(norm):  # before any SVD or rounding: never a NaN adapter with "error 0.000e+00"
+        _refuse_nonfinite(name, tuned_value, base_value, tuned, base, delta)
     shape = tuple(binfo.shape)
     numel = delta.numel()
     if settings.diff_only or delta.dim() < 2 or numel < settings.min_params:
@@ -662,6 +664,25 @@ def _extract_one(
     return TensorResult(name, "lora", shape, rank=k, rel_error=err, delta_norm=norm, passes=factors.passes)
 
 
+def _require_finite(value: torch.Tensor, ckpt: Checkpoint, name: str, which: str) -> None:
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise NonFiniteError(
+            f"{ckpt.infos[name].path}: tensor {name!r} of the {which} model holds NaN or Inf, so the adapter "
+            "cannot hold it: fix or re-export that model"
+        )
+
+
+def _refuse_nonfinite(
+    name: str, tuned_value: torch.Tensor, base_value: torch.Tensor, tuned: Checkpoint, base: Checkpoint, delta
+) -> None:
+    """NaN/Inf in either model (or a difference beyond fp32): one line naming the tensor and the model."""
+    _require_finite(tuned_value, tuned, name, "tuned")
+    _require_finite(base_value, base, name, "base")
+    if not bool(torch.isfinite(delta).all()):
+        raise NonFiniteError(f"the difference of tensor {name!r} overflows fp32: the two models do not belong together")
+    # Finite values whose norm alone overflows fp32: the factorisation handles them.
+
+
 def _peft_finish(
     base: Checkpoint,
     tuned: Checkpoint,
@@ -716,6 +737,7 @@ def _peft_finish(
     for module in modules_to_save:
         for key in (k for k in keys if k.rpartition(".")[0] == module):
             value = tuned.get(key)
+            _require_finite(value, tuned, key, "tuned")  # stored whole (modules_to_save), changed or not
             dtype = state.diffs.get(key) or settings.out_dtype or value.dtype
             spool.add(f"{PEFT_PREFIX}{key}", value.to(dtype))
     if lora_bias:

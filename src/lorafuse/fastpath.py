@@ -8,13 +8,15 @@ rounded once, round-to-nearest-even), written over the prefilled shards.
 
 It never decides anything the torch path would report: any doubt (an option it does not cover, a config flag, a
 name that needs matching, NaN/Inf or all-zero lora_B, a merged value beyond the output range, a target module that
-matched nothing) returns None before or during the merge, and the torch engine then merges (and reports) the usual
-way, rewriting every tensor the adapters touch over the same prefill.
+matched nothing, NaN/Inf in a base tensor no adapter touches) returns None before or during the merge, and the
+torch engine then merges (and reports) the usual way, rewriting every tensor the adapters touch over the same
+prefill. A bad adapter_config.json gets the torch path's verdict: both read it with ``peft_flags.load_config``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
@@ -28,11 +30,11 @@ from .conv1d import is_conv1d_model
 from .errors import LorafuseError
 from .io.extra_files import copy_extra_files, read_json
 from .io.layout import write_index
-from .io.output import AtomicOutput, check_output
+from .io.output import AtomicOutput, refuse_overlap
 from .io.prefill import Prefill
 from .io.safetensors_header import RawEntry, read_raw_header
 from .math_threads import fast_path_threads
-from .peft_flags import UNSUPPORTED_FLAGS, UNSUPPORTED_INIT, lora_scaling
+from .peft_flags import CONFIG_NAME, UNSUPPORTED_FLAGS, AdapterConfig, load_config, lora_scaling, strengths
 from .report import PROVENANCE_NAME, MergeReport, sha256_file
 from .sources import resolve_merge_inputs
 from .targets import EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING, unmatched_targets
@@ -92,8 +94,8 @@ def fast_merge(
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters) or not Path(base).is_dir():
         return None
-    try:  # the prefill checked the output against the base only: an adapter must never be replaced either
-        check_output(Path(output), True, [Path(base), *(Path(a) for a in adapters)])
+    try:  # the prefill checked the output already; an adapter must never be replaced either
+        refuse_overlap(Path(output), [Path(base), *(Path(a) for a in adapters)])
     except LorafuseError:
         return None  # the torch path refuses it, with its message
     try:
@@ -113,18 +115,11 @@ def _read_adapters(adapters: list[str], weights: list[float]) -> tuple[list[list
     """Every adapter's LoRA modules, or Fallback when one is anything but plain PEFT LoRA with exact names."""
     loras: list[list[_Lora]] = []
     files: list[Path] = []
-    for text, weight in zip(adapters, weights):
+    for text, weight in zip(adapters, strengths(weights, "--weight")):
         folder = Path(text)
-        config = read_json(folder / "adapter_config.json")
+        config = adapter_config(folder)
         path = folder / "adapter_model.safetensors"
-        if config is None or not path.is_file():
-            raise Fallback
-        if str(config.get("peft_type", "LORA")).upper() != "LORA":
-            raise Fallback
-        if any(config.get(flag) not in (None, False, [], {}, 0, "") for flag in TORCH_ONLY_FLAGS):
-            raise Fallback
-        init = str(config.get("init_lora_weights", True)).lower()
-        if str(config.get("bias", "none")) != "none" or any(init.startswith(name) for name in UNSUPPORTED_INIT):
+        if not path.is_file():
             raise Fallback
         entries, _ = read_raw_header(path)
         modules: dict[str, dict[str, RawEntry]] = {}
@@ -133,21 +128,34 @@ def _read_adapters(adapters: list[str], weights: list[float]) -> tuple[list[list
             if match is None or entry.dtype not in FLOAT_CODES:
                 raise Fallback
             modules.setdefault(match["module"], {})[match["kind"]] = entry
-        alpha = float(config.get("lora_alpha", 8))
         found: list[_Lora] = []
         for module, pair in modules.items():
             if set(pair) != {"A", "B"} or len(pair["A"].shape) != 2 or len(pair["B"].shape) != 2:
                 raise Fallback
             rank = pair["A"].shape[0]
-            if rank < 1:
-                raise Fallback
-            scale = lora_scaling(alpha, rank, bool(config.get("use_rslora")))
-            found.append(_Lora(module, pair["A"], pair["B"], path, scale * float(weight)))
-        if not found or unmatched_targets(str(folder), config.get("target_modules"), list(modules)):
+            if 0 in pair["A"].shape or 0 in pair["B"].shape:
+                raise Fallback  # empty factors (rank 0, or a zero-width weight): the torch path handles them
+            scale = lora_scaling(config.lora_alpha, rank, config.use_rslora) * weight
+            if not math.isfinite(scale):
+                raise Fallback  # a huge alpha times a huge weight: the torch path names it
+            found.append(_Lora(module, pair["A"], pair["B"], path, scale))
+        if not found or unmatched_targets(str(folder), config.target_modules, list(modules)):
             raise Fallback
         loras.append(found)
         files.append(path)
     return loras, files
+
+
+def adapter_config(folder: Path) -> AdapterConfig:
+    """``folder``'s adapter_config.json, read and checked by the torch path's own reader (the same verdicts, the
+    same errors: ``fast_merge`` then leaves them to the torch path); Fallback for settings only it merges."""
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise Fallback
+    config = load_config(path)
+    if config.bias != "none" or any(config.raw.get(f) not in (None, False, [], {}, 0, "") for f in TORCH_ONLY_FLAGS):
+        raise Fallback
+    return config
 
 
 @dataclass
@@ -220,8 +228,61 @@ def _merge_all(plan: list[_Target], prefill: Prefill) -> None:
     try:
         with ThreadPoolExecutor(fast_path_threads()) as pool:
             jobs = [pool.submit(_merge_one, t, slots[t.name], prefill, fds) for t in plan]
+            touched = {t.name for t in plan}
+            untouched = [slot for slot in prefill.slots if slot.name not in touched]
+            jobs += [pool.submit(_check_finite, group, prefill) for group in _scan_groups(untouched)]
             for job in jobs:
                 job.result()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+# NaN/Inf as bit patterns (sign, all-ones exponent): a negative one is at least the first value as an unsigned
+# integer, a positive one at least the second as a signed one. Two max reductions per chunk, no temporaries.
+NONFINITE_BITS = {"BF16": (16, 0xFF80, 0x7F80), "F16": (16, 0xFC00, 0x7C00), "F32": (32, 0xFF800000, 0x7F800000)}
+SCAN_CHUNK = 1 << 20  # bytes per read, reused: stays in the CPU cache for both reductions
+SCAN_GROUP_BYTES = 256 << 20  # untouched tensors per job: the pool's threads share a large single-file model
+
+
+def _scan_groups(slots: list[Any]) -> list[list[Any]]:
+    """Untouched slots in runs of about ``SCAN_GROUP_BYTES``, in output order."""
+    groups: list[list[Any]] = [[]]
+    size = 0
+    for slot in slots:
+        if size >= SCAN_GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(slot)
+        size += slot.nbytes
+    return [g for g in groups if g]
+
+
+def _check_finite(slots: list[Any], prefill: Prefill) -> None:
+    """Fallback when an untouched base tensor holds NaN or Inf: the torch path copies it as well, and says so.
+
+    The prefill copies these bytes with the kernel and never reads them; this reads them once more (about 8 GB/s
+    per thread on cached pages, beside the merge's own threads), the price of never shipping a broken base silently.
+    """
+    import numpy as np
+
+    raw = np.empty(SCAN_CHUNK, dtype=np.uint8)
+    fds: dict[Path, int] = {}
+    try:
+        for slot in slots:
+            bits, negative, positive = NONFINITE_BITS[slot.dtype]
+            path, offset = prefill.source(slot.name)
+            fd = fds.get(path)
+            if fd is None:
+                fd = fds[path] = os.open(path, os.O_RDONLY)
+            for start in range(0, slot.nbytes, SCAN_CHUNK):
+                size = min(SCAN_CHUNK, slot.nbytes - start)
+                chunk = raw[:size]
+                if os.preadv(fd, [chunk], offset + start) != size:
+                    raise Fallback  # the file changed or is truncated: the torch path names it
+                unsigned = chunk.view(f"<u{bits // 8}")
+                if int(unsigned.max()) >= negative or int(unsigned.view(f"<i{bits // 8}").max()) >= positive:
+                    raise Fallback
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -349,13 +410,16 @@ def _finish(
         sources=sources.provenance,
         engine="numpy",
     )
-    out = AtomicOutput(Path(output), adopt=True)
-    if out.tmp != prefill.tmp:
-        raise OSError(f"the prefilled folder {prefill.tmp} is not the output's temporary folder {out.tmp}")
-    if index:
-        write_index(out.tmp / index, list(prefill.slots), list(prefill.names))
-    report.copied_files = copy_extra_files(Path(base), out.tmp, prefill.base_files, {PROVENANCE_NAME})
-    report.seconds = time.perf_counter() - started
-    (out.tmp / PROVENANCE_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    out.commit()
+    # The final rename replaces only what the prefill's check found at the output (io/output.py).
+    with AtomicOutput(Path(output), adopt=True, checked=prefill.checked) as out:
+        if out.tmp != prefill.tmp:
+            raise OSError(f"the prefilled folder {prefill.tmp} is not the output's temporary folder {out.tmp}")
+        if index:
+            write_index(out.tmp / index, list(prefill.slots), list(prefill.names))
+        report.copied_files = copy_extra_files(
+            Path(base), out.tmp, prefill.base_files, {PROVENANCE_NAME}, warnings=report.warnings
+        )
+        report.seconds = time.perf_counter() - started
+        (out.tmp / PROVENANCE_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        out.commit()
     return report

@@ -12,14 +12,15 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from .dtypes import dtype_short_name, parse_dtype
-from .engine import one_math_thread, write_bin, write_safetensors
+from .engine import check_device, one_math_thread, write_bin, write_safetensors
 from .errors import LorafuseError
 from .formats import read_adapter
 from .io.checkpoint import open_model
 from .io.extra_files import TOKENIZER_FILES, copy_extra_files, copy_tokenizer, read_json, update_config
-from .io.output import AtomicOutput, check_output
+from .io.output import AtomicOutput, OutputState, check_output
 from .io.prefill import Prefill
 from .io.writer import parse_size, write_index
+from .peft_flags import strengths
 from .plan import AdapterInput, MergePlan, build_plan
 from .report import PROVENANCE_NAME, MergeReport, sha256_file
 from .sources import resolve_merge_inputs
@@ -90,11 +91,8 @@ def merge(
         raise LorafuseError(f"{len(weights)} weights for {len(adapter_paths)} adapters: give one --weight per adapter")
     if out_format not in ("safetensors", "bin"):
         raise LorafuseError(f"unknown output format {out_format!r}: use safetensors or bin")
-    if device != "cpu":
-        import torch
-
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise LorafuseError("--device cuda was asked for but no CUDA device is available: use --device cpu")
+    weights = strengths(weights, "--weight")
+    check_device(device)
     out_dtype = parse_dtype(dtype)
     max_shard = parse_size(max_shard_size)
     output_path = Path(output)
@@ -114,8 +112,8 @@ def merge(
         default_hub=default_hub,
     )
     base_path, adapter_paths = sources.base, sources.adapters
-    if not dry_run:
-        check_output(output_path, overwrite, [base_path, *adapter_paths])
+    # Again with the local paths the sources resolved to: what the final rename may replace is recorded here.
+    checked = None if dry_run else check_output(output_path, overwrite, [base_path, *adapter_paths])
 
     checkpoint, prefix, _index = open_model(base_path)
     base_folder = base_path if base_path.is_dir() else None
@@ -168,6 +166,7 @@ def merge(
             show_progress,
             prefill,
             tokenizer,
+            checked,
         )
     finally:
         sources.cleanup()
@@ -215,24 +214,26 @@ def _write(
     show_progress: bool | None,
     prefill: Prefill | None = None,
     tokenizer: Path | None = None,
+    checked: OutputState | None = None,
 ) -> None:
     """Write the merged model atomically: weights, index, the base's other files, config updates, provenance.
 
     ``tokenizer``: a folder whose tokenizer files replace the base's (the adapter that resized the vocabulary).
+    ``checked``: what :func:`check_output` found at the output (the only thing the final rename may replace).
     """
     # None lets tqdm decide (shown on a terminal only).
     disable = None if show_progress is None else not show_progress
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merging", disable=disable, leave=False)
     try:
         if single_file:
-            with AtomicOutput(output_path, is_dir=False) as out:
+            with AtomicOutput(output_path, is_dir=False, checked=checked) as out:
                 write_safetensors(plan, out.tmp.parent, prefix, max_shard, device, bar.update, single_file=out.tmp)
                 out.commit()
             return
         if prefill is not None and out_format != "safetensors":
             prefill.cancel()
             prefill = None
-        with AtomicOutput(output_path, adopt=prefill is not None) as out:
+        with AtomicOutput(output_path, adopt=prefill is not None, checked=checked) as out:
             if out_format == "bin":
                 written = write_bin(plan, out.tmp, prefix, max_shard, device, bar.update)
             else:
@@ -241,7 +242,9 @@ def _write(
                 write_index(out.tmp / written.index_name, list(written.slots.values()), written.files)
             report.files = written.files + ([written.index_name] if written.index_name else [])
             if base_folder is not None:
-                report.copied_files = copy_extra_files(base_folder, out.tmp, weight_files, {PROVENANCE_NAME})
+                report.copied_files = copy_extra_files(
+                    base_folder, out.tmp, weight_files, {PROVENANCE_NAME}, warnings=report.warnings
+                )
                 if tokenizer is not None:
                     names = copy_tokenizer(tokenizer, out.tmp)
                     report.copied_files = sorted(set(report.copied_files) | set(names))

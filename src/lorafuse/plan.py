@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,15 @@ from typing import Any
 import torch
 
 from .conv1d import is_conv1d_weight
+from .cpus import usable_cpus
 from .dtypes import is_float
-from .edits import DoraDelta, Edit, LoraDelta, Replace, TargetedEdit, with_strength
-from .errors import AdapterError, NonFiniteError, ShapeMismatchError
+from .edits import DoraDelta, Edit, LoraDelta, Replace, TargetedEdit, require_finite, with_strength
+from .errors import AdapterError, ShapeMismatchError
+from .io.byte_view import byte_view
 from .io.checkpoint import Checkpoint
+from .io.safetensors_file import pread_into
 from .keymatch import KeyMatcher
+from .peft_flags import finite_number
 from .quantized import BasePreparation, prepare_base
 from .targets import EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING, unmatched_targets
 
@@ -156,6 +162,10 @@ def build_plan(
     config_updates.update(prep.config_updates)
 
     for adapter in adapters:
+        # Every entry point passes through here (merge, lora-merger's --alpha, verify): one check of the strength.
+        adapter.weight = finite_number(
+            adapter.weight, f"the strength of {adapter.label} (--weight, --alpha)", "give a finite number such as 1.0"
+        )
         skipped: list[str] = []
         for targeted in adapter.edits:
             key = matcher.resolve(targeted.target)
@@ -245,6 +255,7 @@ def build_plan(
 
     if check_values:
         warnings.extend(_check_values(adapters))
+        warnings.extend(_nonfinite_base(base, set(per_key) | set(extra.values()), prep))
 
     tensors: list[OutputTensor] = []
     for name, info in base.infos.items():
@@ -351,9 +362,7 @@ def _check_values(adapters: list[AdapterInput]) -> list[str]:
             edit = targeted.edit
             plain_lora = isinstance(edit, LoraDelta) and not isinstance(edit, DoraDelta)
             for ref in edit.refs():
-                tensor = ref.load()
-                if not torch.isfinite(tensor).all():
-                    raise NonFiniteError(f"{ref.file}: tensor {ref.name!r} holds NaN or Inf; the adapter is broken")
+                tensor = require_finite(ref, ref.load())
                 # Judge lora_B from the tensor already read, rather than reading it a second time.
                 if plain_lora and ref is edit.B and not tensor.any():
                     zero_modules += 1
@@ -365,3 +374,76 @@ def _check_values(adapters: list[AdapterInput]) -> list[str]:
                 f"{adapter.label}: {zero_modules} of {lora_count} modules have lora_B all zeros (no effect)"
             )
     return warnings
+
+
+# Float bit patterns as integers: with the sign bit masked off, a value is NaN or Inf when its integer is at least
+# the all-ones exponent. One in-place AND and one max per chunk (about 7 GB/s per core on cached pages), where
+# torch.isfinite would allocate a bool tensor per chunk.
+_NONFINITE_BITS = {
+    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000),
+    torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
+}
+SCAN_CHUNK = 1 << 20  # bytes per read: stays in the CPU cache between the read, the AND and the max
+NONFINITE_NAMES_SHOWN = 3
+SCAN_THREADS = 4
+
+
+def _holds_nonfinite(base: Checkpoint, name: str) -> bool:
+    """Whether base tensor ``name`` holds NaN or Inf, read in chunks (safetensors) or whole (pickles)."""
+    info = base.infos[name]
+    if info.offset < 0:  # a pickled checkpoint: loaded anyway
+        tensor = base.get(name)
+        return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    buffer = getattr(_scan_local, "buffer", None)
+    if buffer is None:
+        buffer = _scan_local.buffer = torch.empty(SCAN_CHUNK, dtype=torch.uint8)
+    int_dtype, mask, limit = _NONFINITE_BITS[info.dtype]
+    fd = base.fd(info.path)
+    for start in range(0, info.nbytes, SCAN_CHUNK):
+        size = min(SCAN_CHUNK, info.nbytes - start)
+        chunk = buffer[:size]
+        pread_into(fd, byte_view(chunk), info.offset + start, info.path)
+        bits = chunk.view(int_dtype).bitwise_and_(mask)
+        if bits.max().item() >= limit:
+            return True
+    return False
+
+
+_scan_local = threading.local()  # one chunk buffer per scanning thread
+
+
+def _nonfinite_base(base: Checkpoint, touched: set[str], prep: BasePreparation) -> list[str]:
+    """A warning naming the base tensors no adapter touches that hold NaN or Inf (they are copied as they are;
+    touched ones fail the merged-value check instead).
+
+    This reads every untouched float tensor once, which the merge itself never does (the engine copies them with
+    the kernel), on every core up to 4 (torch ops and preadv release the GIL): about 0.1-0.2 s per GiB of cached
+    pages, overlapping the CLI's background prefill copy of the same pages.
+    """
+    names = [
+        name
+        for name, info in base.infos.items()
+        if name not in touched
+        and name not in prep.dropped
+        and name not in prep.dequant
+        and (info.dtype in _NONFINITE_BITS or info.offset < 0)
+        and info.nbytes
+    ]
+    threads = max(1, min(SCAN_THREADS, usable_cpus(), len(names)))
+    if threads > 1 and all(base.infos[n].offset >= 0 for n in names):
+        for path in {base.infos[n].path for n in names}:
+            base.fd(path)  # opened here: Checkpoint.fd is not meant to race
+        with ThreadPoolExecutor(threads, "lorafuse-scan") as pool:
+            verdicts = list(pool.map(lambda n: _holds_nonfinite(base, n), names))
+    else:
+        verdicts = [_holds_nonfinite(base, n) for n in names]
+    found = [name for name, bad in zip(names, verdicts) if bad]
+    if not found:
+        return []
+    shown = ", ".join(found[:NONFINITE_NAMES_SHOWN]) + (", ..." if len(found) > NONFINITE_NAMES_SHOWN else "")
+    return [
+        f"{len(found)} base tensor(s) that no adapter changes hold NaN or Inf and are copied as they are: {shown}; "
+        "the base model itself is broken there"
+    ]

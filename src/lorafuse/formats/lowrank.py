@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from ..edits import FullDiff, LoraDelta, TargetedEdit, TensorRef
+from ..edits import FullDiff, LoraDelta, TargetedEdit, TensorRef, lora_rank_error
 from ..errors import AdapterError
 from ..io.checkpoint import Checkpoint
+from ..peft_flags import finite_number
 
 DIFF_TARGETS = {"diff": "weight", "diff_b": "bias", "diff_m": "modulation"}
 # Tensor-name suffixes shared by the kohya and diffusion layouts, and the role of each.
@@ -106,13 +107,17 @@ def _lora_edit(
             f"{source}: {slots['down']!r} {down.shape} and {slots['up']!r} {up.shape} "
             "are not a Linear or Conv LoRA pair"
         )
+    err = lora_rank_error(down.shape, up.shape)
+    if err:  # before the scale: rank 0 would divide by zero
+        raise AdapterError(f"{source}: module {module!r}: {err}; the adapter file is broken")
     rank = down.shape[0]
     scale = 1.0
     if "alpha" in slots:
         alpha = checkpoint.get(slots["alpha"]).float()
         if alpha.numel() != 1:
             raise AdapterError(f"{source}: {slots['alpha']!r} must hold one number, it has shape {tuple(alpha.shape)}")
-        scale = float(alpha.item()) / rank
+        what = f"{source}: {slots['alpha']!r}"
+        scale = finite_number(alpha.item(), what, "the file is broken; re-export the adapter", AdapterError) / rank
     layout = "linear"
     if len(down.shape) == 4:
         base_shape = shape_of(f"{target}.weight") if shape_of else None

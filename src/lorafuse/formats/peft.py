@@ -7,18 +7,19 @@ Reproduces the semantics of PEFT's ``merge_and_unload()`` for LoRA: scaling alph
 
 from __future__ import annotations
 
-import json
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ..edits import BiasDelta, DoraDelta, Edit, LoraDelta, Replace, RowReplace, TargetedEdit, TensorRef
+from ..edits import BiasDelta, DoraDelta, Edit, LoraDelta, Replace, RowReplace, TargetedEdit, TensorRef, lora_rank_error
 from ..errors import AdapterError, InputError
 from ..io.checkpoint import Checkpoint
-from ..peft_flags import UNSUPPORTED_FLAGS, UNSUPPORTED_INIT, lora_scaling
+from ..io.model_files import real_path
 
-CONFIG_NAME = "adapter_config.json"
+# The config is read and checked without torch (the CLI's fast path reads it the same way).
+from ..peft_flags import CONFIG_NAME, AdapterConfig, load_config
+
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "pytorch_model.bin")
 PEFT_PREFIX = "base_model.model."
 
@@ -32,110 +33,18 @@ LORA_KEY_RE = re.compile(
 TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"
 
 
-@dataclass
-class AdapterConfig:
-    """The parts of ``adapter_config.json`` that change merge math."""
-
-    r: int = 8
-    lora_alpha: float = 8
-    use_rslora: bool = False
-    use_dora: bool = False
-    fan_in_fan_out: bool = False
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    target_modules: Any = None
-    modules_to_save: list[str] | None = None
-    bias: str = "none"
-    lora_bias: bool = False
-    base_model_name_or_path: str | None = None
-    revision: str | None = None
-    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
-    raw: dict[str, Any] = field(default_factory=dict)
-
-    def token_indices(self, module: str, source: str) -> tuple[int, ...]:
-        """The token rows PEFT trained in ``module`` (a list applies to the one embedding that has them)."""
-        indices = self.trainable_token_indices
-        if isinstance(indices, dict):  # module name (or its last parts) -> indices
-            keys = [k for k in indices if module == k or module.endswith("." + k)]
-            indices = indices[keys[0]] if len(keys) == 1 else None
-        if not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
-            raise AdapterError(
-                f"{source}: {module!r} has trainable tokens but trainable_token_indices in adapter_config.json does "
-                "not list its token indices"
-            )
-        return tuple(indices)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str) -> AdapterConfig:
-        peft_type = str(data.get("peft_type", "LORA")).upper()
-        if peft_type != "LORA":
-            raise AdapterError(f"{source}: peft_type {peft_type} is not LoRA; lorafuse merges LoRA adapters only")
-        for flag in UNSUPPORTED_FLAGS:
-            if data.get(flag) not in (None, False, [], {}, 0):
-                raise AdapterError(f"{source}: '{flag}' is not supported by lorafuse; merge this adapter with PEFT")
-        init = str(data.get("init_lora_weights", True)).lower()
-        if any(init.startswith(name) for name in UNSUPPORTED_INIT):
-            raise AdapterError(
-                f"{source}: init_lora_weights={init!r} changes the base weights; save the adapter with PEFT's "
-                "path_initial_model_for_weight_conversion to get a plain LoRA, then merge that"
-            )
-        return cls(
-            r=int(data.get("r", 8)),
-            lora_alpha=float(data.get("lora_alpha", 8)),
-            use_rslora=bool(data.get("use_rslora", False)),
-            use_dora=bool(data.get("use_dora", False)),
-            fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
-            rank_pattern=dict(data.get("rank_pattern") or {}),
-            alpha_pattern=dict(data.get("alpha_pattern") or {}),
-            target_modules=data.get("target_modules"),
-            modules_to_save=data.get("modules_to_save"),
-            bias=str(data.get("bias", "none")),
-            lora_bias=bool(data.get("lora_bias", False)),
-            base_model_name_or_path=data.get("base_model_name_or_path"),
-            revision=data.get("revision"),
-            trainable_token_indices=data.get("trainable_token_indices") or None,
-            raw=data,
-        )
-
-    def scaling(self, module: str, rank: int) -> float:
-        """PEFT's scaling for ``module`` with the rank found in its weights."""
-        alpha = self.lora_alpha
-        pattern = _pattern_key(self.alpha_pattern, module)
-        if pattern is not None:
-            alpha = float(self.alpha_pattern[pattern])
-        return lora_scaling(alpha, rank, self.use_rslora)
-
-
-def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
-    """The first pattern matching the end of ``module`` at a dot boundary, as PEFT matches them."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
-
-
 def find_adapter_weights(folder: Path) -> Path:
     """The weight file of a PEFT adapter folder."""
     for name in WEIGHT_NAMES:
         if (folder / name).is_file():
             return folder / name
+        if os.path.lexists(folder / name):
+            real_path(folder / name, folder)  # a broken link or a symlink loop: an error naming it
     listing = ", ".join(sorted(p.name for p in folder.iterdir())[:20]) or "nothing"
     raise InputError(
         f"{folder} has no adapter weights (adapter_model.safetensors, adapter_model.bin or pytorch_model.bin); "
         f"it holds: {listing}"
     )
-
-
-def load_config(path: Path) -> AdapterConfig:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise InputError(f"{path} does not exist: a PEFT adapter folder needs adapter_config.json") from exc
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path} is not valid JSON ({exc}): fix or regenerate adapter_config.json") from exc
-    if not isinstance(data, dict):
-        raise InputError(f"{path} must hold a JSON object")
-    return AdapterConfig.from_dict(data, str(path))
 
 
 @dataclass
@@ -218,6 +127,9 @@ def _module_edits(
         missing = "A" if a_key is None else "B"
         raise AdapterError(f"{source}: module {module!r} has no lora_{missing} tensor; the adapter file is incomplete")
     a_ref, b_ref = TensorRef(checkpoint, a_key), TensorRef(checkpoint, b_key)
+    err = lora_rank_error(a_ref.shape, b_ref.shape)
+    if err:  # before the scale: rank 0 would divide by zero
+        raise AdapterError(f"{source}: module {module!r}: {err}; the adapter file is broken")
     rank = a_ref.shape[0]
     scale = config.scaling(module, rank)
     if embedding:

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, SourceError
+from ..io.extra_files import TOKENIZER_FILES
+from ..io.model_files import is_inside
+from ..peft_flags import config_object, parse_config
 
 CONFIG_NAME = "adapter_config.json"
 ENV_JSON = "ADAPTER_CONFIG_JSON"
@@ -22,12 +26,13 @@ PEFT_WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "pytorch_
 
 
 def _parse(text: str, where: str) -> dict[str, Any]:
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise InputError(f"{where} is not valid JSON ({exc}): give a PEFT adapter_config.json") from exc
-    if not isinstance(data, dict):
-        raise InputError(f"{where} must hold a JSON object (a PEFT adapter_config.json)")
+    return config_object(text, where)
+
+
+def _checked(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """``data`` once the merge's own reader accepts it: a bad value is named with where it came from, before any
+    work folder is made."""
+    parse_config(data, where)
     return data
 
 
@@ -42,17 +47,24 @@ def _read_file(path: str | Path, where: str) -> dict[str, Any]:
 def explicit_config(config: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     """(config, where it came from) for a config given as a file path or a mapping."""
     if isinstance(config, Mapping):
-        return dict(config), "the adapter_config given"
-    return _read_file(config, "--adapter-config"), str(config)
+        where = "the adapter_config given"
+        try:  # written to the work folder as JSON, and read back from there
+            text = json.dumps(dict(config))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InputError(f"{where} cannot be written as JSON ({exc}): pass plain JSON values") from None
+        return _checked(_parse(text, where), where), where
+    return _checked(_read_file(config, "--adapter-config"), f"--adapter-config {config}"), str(config)
 
 
 def env_config(environ: Mapping[str, str] | None = None) -> tuple[dict[str, Any], str] | None:
     """The config from ``ADAPTER_CONFIG_JSON`` or else ``ADAPTER_CONFIG_PATH``; None when neither is set."""
     environ = os.environ if environ is None else environ
     if environ.get(ENV_JSON, "").strip():
-        return _parse(environ[ENV_JSON], f"environment variable {ENV_JSON}"), ENV_JSON
+        where = f"environment variable {ENV_JSON}"
+        return _checked(_parse(environ[ENV_JSON], where), where), ENV_JSON
     if environ.get(ENV_PATH, "").strip():
-        return _read_file(environ[ENV_PATH], f"{ENV_PATH}="), environ[ENV_PATH]
+        path = environ[ENV_PATH]
+        return _checked(_read_file(path, f"{ENV_PATH}="), f"{ENV_PATH}={path}"), path
     return None
 
 
@@ -62,8 +74,12 @@ def folder_with_config(adapter: Path, config: dict[str, Any], dest: Path) -> Pat
         raise SourceError(f"work folder {dest} already exists: use an empty work folder")
     dest.mkdir(parents=True)
     for entry in sorted(Path(adapter).iterdir()):
-        if entry.name != CONFIG_NAME and not entry.name.startswith("."):
-            (dest / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+        if entry.name == CONFIG_NAME or entry.name.startswith("."):
+            continue
+        if entry.name in TOKENIZER_FILES and is_inside(entry, adapter):
+            shutil.copy2(entry, dest / entry.name)  # a copy: the merge copies no tokenizer through a link out
+        else:  # realpath: a symlink loop stays a loop for the reader to name (Path.resolve raises here)
+            (dest / entry.name).symlink_to(os.path.realpath(entry), target_is_directory=entry.is_dir())
     (dest / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return dest
 
