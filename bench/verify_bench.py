@@ -22,8 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from merge_bench import CACHE, ensure_models, run_measured, warm  # noqa: E402
 
-# Not `python -m lorafuse.cli`: run as __main__, cli.py would not see the sub-commands other modules register.
-LORAFUSE = [sys.executable, "-c", "import sys; from lorafuse.cli import main; sys.exit(main())"]
+LORAFUSE = [sys.executable, "-m", "lorafuse"]
 
 
 def main() -> None:

@@ -16,9 +16,9 @@ from pathlib import Path
 # One entry point per console script, run as a child process so that tracebacks and exit codes are real.
 ENTRY_POINTS = {
     "lorafuse": "from lorafuse.cli import main",
-    "merge-adapter": "from lorafuse.merge_adapter_cli import main",
-    "lora-extractor": "from lorafuse.seed_cli import extractor_main as main",
-    "lora-merger": "from lorafuse.seed_cli import merger_main as main",
+    "merge-adapter": "from lorafuse.cli.compat import merge_adapter_main as main",
+    "lora-extractor": "from lorafuse.cli.compat import extractor_main as main",
+    "lora-merger": "from lorafuse.cli.compat import merger_main as main",
 }
 
 

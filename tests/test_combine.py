@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from lorafuse.combine import combine
 from lorafuse.errors import AdapterError, LorafuseError, OutputError
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj", "lm_head"]
+TINY_ADAPTER = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "adapter"
 
 
 def logits(model) -> torch.Tensor:
@@ -192,3 +195,52 @@ def test_bad_arguments(adapters, tmp_path):
         combine([adapters["r4"]], tmp_path / "x", method="cat", rank=3)
     with pytest.raises(OutputError, match="would overwrite the input"):
         combine([adapters["r4"]], adapters["r4"], overwrite=True)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--weight", "0.5", "--weight", "-1.5"],  # once per adapter, as merge takes it
+        ["--weight", "0.5", "-1.5"],  # several values after one flag
+        ["--weights", "0.5", "-1.5"],  # the old spelling
+        ["--weights", "0.5", "--weight=-1.5"],
+    ],
+)
+def test_weight_flag_forms(adapters, tmp_path, capsys, flags):
+    argv = ["combine", str(adapters["r4"]), str(adapters["r4b"]), "-o", str(tmp_path / "out"), *flags, "--json"]
+    assert main(argv) == 0
+    assert [a["weight"] for a in json.loads(capsys.readouterr().out)["adapters"]] == [0.5, -1.5]
+
+
+@pytest.mark.parametrize("flag", ["--weight", "--weights"])
+def test_weight_errors_name_the_flag_typed(adapters, tmp_path, capsys, flag):
+    assert main(["combine", str(adapters["r4"]), "-o", str(tmp_path / "out"), f"{flag}=nan"]) == 1
+    assert f"{flag} is nan, not a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+NO_TORCH = "import sys; sys.modules['torch'] = None; from lorafuse.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("tiny-cat", ["tiny", "tiny"], ["--weight", "0.5", "0.25"]),
+        ("tiny-svd-bf16", ["tiny", "tiny"], ["--method", "svd", "--weight", "1", "-0.5", "--dtype", "bf16"]),
+        ("svd", ["r4", "r6"], ["--method", "svd", "--rank", "3", "--weight", "1", "-0.5"]),
+        ("linear-fp16", ["r4", "r4b"], ["--method", "linear", "--dtype", "fp16"]),
+        ("embeddings", ["emb", "r4"], ["--weight", "1.5", "0.5"]),
+    ],
+    ids=lambda case: case[0],
+)
+def test_combine_runs_without_torch_and_writes_the_same_bytes(adapters, tmp_path, case):
+    _name, inputs, flags = case
+    paths = [str(TINY_ADAPTER if key == "tiny" else adapters[key]) for key in inputs]
+    argv = ["combine", *paths, *flags]
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, *argv, "-o", str(tmp_path / "no-torch")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert main([*argv, "-o", str(tmp_path / "here")]) == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "no-torch" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()

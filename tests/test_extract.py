@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import input_ids, load_model, make_peft_adapter, read_tensors
@@ -16,6 +19,8 @@ from safetensors.torch import load_file, save_file
 
 import lorafuse
 import lorafuse.extract as extract_module
+from lorafuse.arrays import BF16
+from lorafuse.blas_threads import BlasPool
 from lorafuse.cli import main
 from lorafuse.errors import LorafuseError
 from lorafuse.extract import AUTO_TOLERANCE, extract, frobenius_norm, low_rank, predicted_excess
@@ -54,6 +59,52 @@ def test_diff_only_round_trip_is_bit_exact(llama_untied, tmp_path, fmt):
     assert merged.keys() == want.keys()
     for name in want:
         assert torch.equal(merged[name], want[name]), name
+
+
+def planted_change(tensors: dict[str, torch.Tensor]) -> None:
+    """Rank-2 changes of two weights and a changed norm (a modules_to_save entry)."""
+    for i, name in enumerate((Q, "model.layers.1.mlp.down_proj.weight")):
+        out, inp = tensors[name].shape
+        tensors[name] = tensors[name] + noise((out, 2), 10 + i, 0.3) @ noise((2, inp), 20 + i, 0.3)
+    tensors["model.layers.0.input_layernorm.weight"] += noise((32,), 30, 0.1)
+
+
+def test_extract_runs_without_torch(llama_untied, tmp_path):
+    """torch is an extra: `lorafuse extract` (randomized and exact SVD, bf16 rounding) runs where it is missing, and
+    PEFT loads what it wrote; a .pt output and --device cuda say which extra they need, in one line."""
+    tuned = make_tuned(llama_untied, tmp_path / "tuned", planted_change)
+    base, out = str(llama_untied), str(tmp_path)
+    script = (
+        "import sys; sys.modules['torch'] = None\n"  # import torch now fails
+        "from lorafuse.cli import main\n"
+        f"base, tuned, out = {base!r}, {str(tuned)!r}, {out!r}\n"
+        "args = ['extract', base, tuned, '--rank', '2', '--min-params', '0']\n"
+        "assert main([*args, '-o', out + '/ex']) == 0\n"
+        "assert main([*args, '-o', out + '/k', '--format', 'kohya', '--exact-svd', '--dtype', 'bf16']) == 0\n"
+        "assert main([*args, '-o', out + '/p.pt', '--format', 'kohya']) == 1\n"
+        "assert main([*args, '-o', out + '/c', '--device', 'cuda']) == 1\n"
+        "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    refusals = [line for line in proc.stderr.splitlines() if line.startswith("lorafuse: error:")]
+    assert len(refusals) == 2 and all("pip install 'lorafuse[torch]'" in line for line in refusals), proc.stderr
+    assert "a .pt output" in refusals[0] and "--device cuda" in refusals[1]
+    assert not (tmp_path / "p.pt").exists() and not (tmp_path / "c").exists()
+
+    report = json.loads((tmp_path / "ex" / "lorafuse_extract.json").read_text())
+    assert (report["lora"], report["direct_diff"]) == (2, 1) and report["rel_error"] < 1e-5
+    ids = input_ids()
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(load_model(llama_untied), tmp_path / "ex")(ids).logits
+        tuned_logits = load_model(tuned)(ids).logits
+    torch.testing.assert_close(peft_logits, tuned_logits, rtol=0, atol=1e-4)
+    kohya = load_file(tmp_path / "k.safetensors")
+    assert {t.dtype for t in kohya.values() if t.dim()} == {torch.bfloat16}
+    flat = "lora_unet_model_layers_0_self_attn_q_proj"
+    delta = read_tensors(tuned)[Q] - read_tensors(llama_untied)[Q]
+    approx = kohya[f"{flat}.lora_up.weight"].float() @ kohya[f"{flat}.lora_down.weight"].float()
+    assert float((approx - delta).norm() / delta.norm()) < 1e-2  # rank-2 change, factors rounded to bf16
 
 
 def test_planted_low_rank_delta_round_trips_and_peft_loads_it(llama_untied, tmp_path):
@@ -146,30 +197,40 @@ def test_dynamic_rank_by_energy_writes_rank_pattern(llama_untied, tmp_path):
     torch.testing.assert_close(peft_logits, tuned_logits, rtol=0, atol=1e-4)
 
 
+def orthonormal(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    return np.linalg.qr(rng.standard_normal((rows, cols), dtype=np.float32)).Q
+
+
 def test_randomized_svd_is_within_one_percent_of_optimal():
-    g = torch.Generator().manual_seed(0)
-    u, _ = torch.linalg.qr(torch.randn(300, 120, generator=g))
-    v, _ = torch.linalg.qr(torch.randn(200, 120, generator=g))
-    spectrum = 1.0 / torch.arange(1, 121, dtype=torch.float32) ** 0.5  # slowly decaying: the hard case
+    rng = np.random.default_rng(0)
+    u, v = orthonormal(300, 120, rng), orthonormal(200, 120, rng)
+    spectrum = 1.0 / np.arange(1, 121, dtype=np.float32) ** 0.5  # slowly decaying: the hard case
     matrix = (u * spectrum) @ v.T
-    optimal = spectrum[16:].square().sum().sqrt()
+    optimal = np.linalg.norm(spectrum[16:])
     for exact in (False, True):
         f = low_rank(matrix, 16, exact=exact, seed=1)
-        err = (matrix - f.up @ f.down).norm()
+        err = np.linalg.norm(matrix - f.up @ f.down)
         assert f.up.shape == (300, 16) and f.down.shape == (16, 200)
+        assert f.up.dtype == f.down.dtype == np.float32
         assert err <= 1.01 * optimal
 
 
-def planted_bf16_delta(m: int, n: int, r: int, seed: int = 0) -> torch.Tensor:
+def planted_bf16_delta(m: int, n: int, r: int, seed: int = 0) -> np.ndarray:
     """tuned - base for a bf16 base plus a rank-``r`` change, the sum rounded to bf16 (a merged LoRA)."""
-    g = torch.Generator().manual_seed(seed)
-    base = (torch.randn(m, n, generator=g) * 0.02).bfloat16()
-    change = (torch.randn(m, r, generator=g) * 0.02) @ (torch.randn(r, n, generator=g) / n**0.5)
-    return (base.float() + change).bfloat16().float() - base.float()
+    rng = np.random.default_rng(seed)
+    base = (rng.standard_normal((m, n), dtype=np.float32) * 0.02).astype(BF16).astype(np.float32)
+    change = (rng.standard_normal((m, r), dtype=np.float32) * 0.02) @ (
+        rng.standard_normal((r, n), dtype=np.float32) / np.float32(n**0.5)
+    )
+    return (base + change).astype(BF16).astype(np.float32) - base
 
 
-def optimal_error(matrix: torch.Tensor, rank: int) -> float:
-    return float(torch.linalg.svdvals(matrix)[rank:].square().sum().sqrt())  # Eckart-Young
+def optimal_error(matrix: np.ndarray, rank: int) -> float:
+    return float(np.linalg.norm(np.linalg.svd(matrix.astype(np.float64), compute_uv=False)[rank:]))  # Eckart-Young
+
+
+def residual(matrix: np.ndarray, f) -> float:
+    return float(np.linalg.norm(matrix - f.up @ f.down))
 
 
 def test_auto_power_iterations_stop_early_on_a_planted_low_rank_delta():
@@ -177,33 +238,39 @@ def test_auto_power_iterations_stop_early_on_a_planted_low_rank_delta():
     auto = low_rank(delta, 8, seed=1)  # the bf16 rounding noise is far below the planted singular values
     assert auto.passes == 3  # sketch, B = Q^T A, then A P: half a power iteration
     assert low_rank(delta, 8, seed=1, power_iters=2).passes == 6
-    assert (delta - auto.up @ auto.down).norm() <= 1.01 * optimal_error(delta, 8)
+    assert residual(delta, auto) <= 1.01 * optimal_error(delta, 8)
     # A higher rank must also pick the best noise directions, among a flat spectrum: auto iterates.
     higher = low_rank(delta, 12, seed=1)
     assert higher.passes > 3
-    assert (delta - higher.up @ higher.down).norm() <= 1.01 * optimal_error(delta, 12)
+    assert residual(delta, higher) <= 1.01 * optimal_error(delta, 12)
     # No power iteration at all is far from optimal even here: the noise tail leaks into the sketch.
     plain = low_rank(delta, 8, seed=1, power_iters=0)
     assert plain.passes == 2
-    assert (delta - plain.up @ plain.down).norm() > 1.1 * optimal_error(delta, 8)
+    assert residual(delta, plain) > 1.1 * optimal_error(delta, 8)
 
 
 def test_auto_power_iterations_reach_one_percent_of_optimal_on_a_slowly_decaying_spectrum():
-    g = torch.Generator().manual_seed(0)
-    u, _ = torch.linalg.qr(torch.randn(512, 256, generator=g))
-    v, _ = torch.linalg.qr(torch.randn(256, 256, generator=g))
-    matrix = (u / torch.arange(1, 257, dtype=torch.float32) ** 0.5) @ v.T
+    rng = np.random.default_rng(0)
+    u, v = orthonormal(512, 256, rng), orthonormal(256, 256, rng)
+    matrix = (u / np.arange(1, 257, dtype=np.float32) ** 0.5) @ v.T
     optimal = optimal_error(matrix, 16)
-    assert (matrix - (lambda f: f.up @ f.down)(low_rank(matrix, 16, power_iters=0))).norm() > 1.05 * optimal
+    assert residual(matrix, low_rank(matrix, 16, power_iters=0)) > 1.05 * optimal
     for seed in range(3):
         f = low_rank(matrix, 16, seed=seed)
         assert f.passes == 6  # no gap: auto runs the most iterations it allows
-        assert (matrix - f.up @ f.down).norm() <= 1.01 * optimal
+        assert residual(matrix, f) <= 1.01 * optimal
+
+
+def test_the_sketch_is_seeded():
+    delta = planted_bf16_delta(256, 128, 4)
+    a, b, c = (low_rank(delta, 4, seed=seed, power_iters=0) for seed in (5, 5, 6))
+    assert np.array_equal(a.up, b.up) and np.array_equal(a.down, b.down)
+    assert not np.array_equal(a.up, c.up)
 
 
 def test_predicted_excess_follows_the_spectral_gap():
-    gap = torch.tensor([10.0] * 4 + [0.01] * 4)
-    flat = torch.tensor([1.0] * 8)
+    gap = np.array([10.0] * 4 + [0.01] * 4)
+    flat = np.ones(8)
     assert predicted_excess(gap, 4, 4, 1) == pytest.approx(4 / 3)  # no power iteration: k / (p - 1), any spectrum
     assert predicted_excess(gap, 4, 4, 2) == pytest.approx(4 * 1e-6 * (1 - 1e-6) / 3)
     assert predicted_excess(flat, 4, 4, 5) > AUTO_TOLERANCE
@@ -228,10 +295,41 @@ def test_cli_refuses_a_bad_power_iters(llama_untied, tmp_path):
 
 
 def test_frobenius_norm_is_accurate_where_an_fp32_sum_is_not():
-    x = torch.randn(3_000_001, generator=torch.Generator().manual_seed(0)) * 0.01 + 0.004
-    exact = float(x.double().norm())
+    x = np.random.default_rng(0).standard_normal(3_000_001, dtype=np.float32) * np.float32(0.01) + np.float32(0.004)
+    exact = math.sqrt(float(np.dot(x.astype(np.float64), x.astype(np.float64))))
     assert frobenius_norm(x) == pytest.approx(exact, rel=1e-9)
-    assert frobenius_norm(x.reshape(-1)[:6].reshape(2, 3)) == pytest.approx(float(x[:6].double().norm()), rel=1e-7)
+    assert frobenius_norm(x[:6].reshape(2, 3)) == pytest.approx(float(np.linalg.norm(x[:6].astype(np.float64))))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_element_wise_work_split_over_threads_gives_the_same_values(threads, monkeypatch):
+    """The difference and the residual of the factors, computed in spans side by side (one per free CPU)."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((1000, 2500), dtype=np.float32).astype(BF16)
+    tuned = (base.astype(np.float32) + rng.standard_normal(base.shape, dtype=np.float32) * 0.01).astype(BF16)
+    want = tuned.astype(np.float64) - base.astype(np.float64)
+    left, right = rng.standard_normal((1000, 4), dtype=np.float32), rng.standard_normal((4, 2500), dtype=np.float32)
+    pool = BlasPool()
+    monkeypatch.setattr(pool, "cap", threads)
+    monkeypatch.setattr(pool, "threads_now", lambda: threads)
+    one_thread = BlasPool()
+    monkeypatch.setattr(one_thread, "threads_now", lambda: 1)
+    workspace = extract_module._Workspace(pool)
+    try:
+        delta, sq_norm = workspace.difference(tuned, base)
+        assert np.array_equal(delta, want.astype(np.float32))  # exact: two bf16 values of similar size
+        assert sq_norm == pytest.approx(float(np.square(want).sum()), rel=1e-7)
+        residual = extract_module._residual_sq(delta, left, right, workspace)
+        exact = np.square(want - left.astype(np.float64) @ right.astype(np.float64)).sum()
+        assert residual == pytest.approx(float(exact), rel=1e-5)
+        with pool.one_thread():  # as extract runs it: numpy's BLAS pinned, the products split over threads
+            split = [low_rank(m, 4, seed=3, threads=pool) for m in (delta, delta.T)]
+    finally:
+        pool.close()
+    with BlasPool().one_thread():
+        whole = [low_rank(m, 4, seed=3, threads=one_thread) for m in (delta, delta.T)]
+    for f, g in zip(split, whole):  # the same bits whatever the number of threads (spans of rows or columns)
+        assert np.array_equal(f.up, g.up) and np.array_equal(f.down, g.down) and f.passes == g.passes
 
 
 def test_chunked_comparison_gives_the_same_adapter(llama_untied, tmp_path, monkeypatch):

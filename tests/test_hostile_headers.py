@@ -3,8 +3,8 @@
 Each class of bad header (overlapping, reversed or negative offsets, a byte count that is not dtype x shape,
 negative or huge shapes, a duplicate key pointing at other bytes, a gap, trailing bytes, a non-dict
 ``__metadata__``, deeply nested JSON, an unknown dtype) is written into a copy of a real tiny base or adapter (the
-8-byte length, the JSON and the data, by hand) and fed to ``lorafuse merge`` (fast path and
-``LORAFUSE_FASTPATH=0``), ``merge --verify``, ``inspect``, ``combine`` and ``lora-merger``. Each must exit non-zero
+8-byte length, the JSON and the data, by hand) and fed to ``lorafuse merge`` (with its prefill and
+``LORAFUSE_PREFILL=0``), ``merge --verify``, ``inspect``, ``combine`` and ``lora-merger``. Each must exit non-zero
 with one line naming the file (and the tensor at fault), leave the inputs byte for byte unchanged and write
 nothing beside the output.
 
@@ -213,7 +213,7 @@ def break_file(path: Path, kind: str) -> tuple[str, ...]:
 def run_in_process(command: str, *args: str | os.PathLike, env: dict | None = None) -> Result:
     """As :func:`hostile.run_command`, in this process: a traceback that escapes ``main`` lands in ``err``."""
     from lorafuse.cli import main as lorafuse_main
-    from lorafuse.seed_cli import merger_main
+    from lorafuse.cli.compat import merger_main
 
     main = {"lorafuse": lorafuse_main, "lora-merger": merger_main}[command]
     out, err = io.StringIO(), io.StringIO()
@@ -237,8 +237,8 @@ def run_in_process(command: str, *args: str | os.PathLike, env: dict | None = No
     return Result(code, out.getvalue(), err.getvalue())
 
 
-FAST = {"LORAFUSE_FASTPATH": "1"}
-TORCH = {"LORAFUSE_FASTPATH": "0"}
+FAST: dict[str, str] = {}  # the default merge: the prefill copies the base while the adapters are read
+NO_PREFILL = {"LORAFUSE_PREFILL": "0"}
 
 
 def _commands(base: Path, adapter: Path, outputs: Path) -> dict[str, tuple[str, list, dict]]:
@@ -246,7 +246,7 @@ def _commands(base: Path, adapter: Path, outputs: Path) -> dict[str, tuple[str, 
     out = outputs / "merged"
     return {
         "merge": ("lorafuse", ["merge", base, adapter, "-o", out], FAST),
-        "merge-torch": ("lorafuse", ["merge", base, adapter, "-o", out], TORCH),
+        "merge-no-prefill": ("lorafuse", ["merge", base, adapter, "-o", out], NO_PREFILL),
         "merge-verify": ("lorafuse", ["merge", base, adapter, "-o", out, "--verify"], FAST),
         "inspect-base": ("lorafuse", ["inspect", base], {}),
         "inspect-adapter": ("lorafuse", ["inspect", adapter], {}),
@@ -267,8 +267,8 @@ def _commands(base: Path, adapter: Path, outputs: Path) -> dict[str, tuple[str, 
 
 
 # Which commands read the broken file (inspect reads only what it is given; combine only the adapter).
-BASE_COMMANDS = ("merge", "merge-torch", "merge-verify", "inspect-base", "lora-merger")
-ADAPTER_COMMANDS = ("merge", "merge-torch", "merge-verify", "inspect-adapter", "combine", "lora-merger")
+BASE_COMMANDS = ("merge", "merge-no-prefill", "merge-verify", "inspect-base", "lora-merger")
+ADAPTER_COMMANDS = ("merge", "merge-no-prefill", "merge-verify", "inspect-adapter", "combine", "lora-merger")
 # One command per class as a real child process, rotating so that every command runs as one at least once.
 _RUNS = [("base", c) for c in BASE_COMMANDS] + [("adapter", c) for c in ADAPTER_COMMANDS]
 CHILD_RUNS = [(kind, *_RUNS[i % len(_RUNS)]) for i, kind in enumerate(MALFORMATIONS)]
@@ -315,7 +315,7 @@ def test_child_process_refuses_the_header(pristine, tmp_path, kind, which, name)
 
 
 def test_the_pristine_inputs_pass_every_command(pristine, tmp_path):
-    """The control: the same commands on the unbroken copies succeed, and `merge` takes the fast path."""
+    """The control: the same commands on the unbroken copies succeed, `merge` on the numpy kernel."""
     base, adapter = shutil.copytree(pristine[0], tmp_path / "base"), shutil.copytree(pristine[1], tmp_path / "adapter")
     before = snapshot(base, adapter)
     for name in _commands(base, adapter, tmp_path):

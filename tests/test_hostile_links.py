@@ -49,8 +49,8 @@ class Scene:
         """Record the inputs as they are now (call after planting the links)."""
         self.before = snapshot(self.base, self.adapter, self.private)
 
-    def merge(self, *args, fast: bool = True, base: str | Path | None = None) -> Result:
-        env = {"TMPDIR": str(self.tmp), **({} if fast else {"LORAFUSE_FASTPATH": "0"})}
+    def merge(self, *args, prefill: bool = True, base: str | Path | None = None) -> Result:
+        env = {"TMPDIR": str(self.tmp), **({} if prefill else {"LORAFUSE_PREFILL": "0"})}
         return run_command(
             "lorafuse", "merge", base or self.base, self.adapter, "-o", self.out, *args, cwd=self.run, env=env
         )
@@ -89,14 +89,14 @@ def scene(tmp_path) -> Scene:
     return Scene(tmp_path)
 
 
-COMMANDS = ["merge", "merge-torch", "merge-adapter"]
+COMMANDS = ["merge", "merge-no-prefill", "merge-adapter"]
 
 
 def run_merge(scene: Scene, command: str, base: str | Path | None = None) -> Result:
     """One of the commands that copy the base's files into the merged output."""
     if command == "merge-adapter":
         return scene.merge_adapter(base)
-    return scene.merge(fast=command == "merge", base=base)
+    return scene.merge(prefill=command == "merge", base=base)
 
 
 # --- links out of the folder: refused ------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def hostile_base_repo(tmp_path_factory):
     return {"url": bare.as_uri(), "adapter_url": adapter_bare.as_uri(), "private": private, "root": root}
 
 
-@pytest.mark.parametrize("command", ["merge-torch", "merge-adapter"])
+@pytest.mark.parametrize("command", ["merge-no-prefill", "merge-adapter"])
 def test_git_clone_recreating_a_link_out_of_the_repo_is_refused(scene, hostile_base_repo, command):
     before = snapshot(hostile_base_repo["root"])
     scene.freeze()
@@ -257,7 +257,7 @@ def test_links_inside_the_folder_are_copied_as_the_files_they_point_to(scene):
 # --- loops and broken links -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["merge", "merge-torch"])
+@pytest.mark.parametrize("command", ["merge", "merge-no-prefill"])
 def test_symlink_loop_is_one_line_naming_it(scene, command):
     (scene.base / "vocab.txt").symlink_to("merges.txt")
     (scene.base / "merges.txt").symlink_to("vocab.txt")

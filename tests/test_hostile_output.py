@@ -27,7 +27,9 @@ import torch
 from hostile import ENTRY_POINTS, Result, assert_no_litter, assert_refused, snapshot
 from safetensors.torch import load_file, save_file
 
-from lorafuse import cli, merge_adapter_cli, seed_cli
+from lorafuse import cli
+from lorafuse.cli import compat
+from lorafuse.cli.compat import merge_adapter
 from lorafuse.errors import OutputError
 from lorafuse.io import output as output_module
 from lorafuse.io.output import MARKER, AtomicOutput, check_output, remove_stale_temporaries
@@ -35,9 +37,9 @@ from lorafuse.io.output import MARKER, AtomicOutput, check_output, remove_stale_
 W = "model.layers.0.self_attn.q_proj.weight"
 MAINS = {
     "lorafuse": cli.main,
-    "merge-adapter": merge_adapter_cli.main,
-    "lora-extractor": seed_cli.extractor_main,
-    "lora-merger": seed_cli.merger_main,
+    "merge-adapter": compat.merge_adapter_main,
+    "lora-extractor": compat.extractor_main,
+    "lora-merger": compat.merger_main,
 }
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -95,7 +97,7 @@ def world(template, tmp_path, monkeypatch) -> SimpleNamespace:
     """A private copy of the tiny inputs; the working directory is its root (merge-adapter's default folders)."""
     root = shutil.copytree(template, tmp_path / "w")
     monkeypatch.chdir(root)
-    for var, _default in merge_adapter_cli.DEFAULTS.values():
+    for var, _default in merge_adapter.DEFAULTS.values():
         monkeypatch.delenv(var, raising=False)
     return SimpleNamespace(
         root=root, base=root / "base", tuned=root / "tuned", adapter=root / "adapter", adapter2=root / "adapter2"
@@ -257,11 +259,11 @@ def _merge_here(world, out: Path, *extra: str) -> Result:
     return run_here("lorafuse", "merge", world.base, world.adapter, "-o", out, *extra)
 
 
-@pytest.fixture(params=["fast", "torch"])
+@pytest.fixture(params=["prefill", "no-prefill"])
 def engine(request, monkeypatch) -> str:
-    """Both merge paths commit through AtomicOutput: the fast path (no torch) and the torch engine."""
-    if request.param == "torch":
-        monkeypatch.setenv("LORAFUSE_FASTPATH", "0")
+    """Both ways a merge builds its output commit through AtomicOutput: adopting the prefill's folder, or not."""
+    if request.param == "no-prefill":
+        monkeypatch.setenv("LORAFUSE_PREFILL", "0")
     return request.param
 
 
@@ -444,7 +446,7 @@ def _start(command: str, *args, hold: Path, cwd: Path) -> subprocess.Popen:
         "LORAFUSE_TEST_READY": str(hold / "ready"),
         "LORAFUSE_TEST_GO": str(hold / "go"),
     }
-    for var, _default in merge_adapter_cli.DEFAULTS.values():
+    for var, _default in merge_adapter.DEFAULTS.values():
         env.pop(var, None)
     return subprocess.Popen(
         [sys.executable, "-c", script, *map(str, args)],
@@ -641,8 +643,7 @@ def test_a_write_error_after_the_checks_removes_the_parents_it_created(world, mo
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("lorafuse.merger.copy_extra_files", full_disk)
-    monkeypatch.setattr("lorafuse.fastpath.copy_extra_files", full_disk)
+    monkeypatch.setattr("lorafuse.writers.folder.copy_extra_files", full_disk)
     out = world.root / "new" / "a" / "b" / "out"
     before = snapshot(world.root)
     assert_refused(_merge_here(world, out), str(out), "No space left on device", code=1)
@@ -733,7 +734,7 @@ def big(tmp_path, monkeypatch) -> SimpleNamespace:
     """Inputs whose outputs do not fit an 8 KB disk (a 64x64 weight, rank-16 adapters); a 100 KB tokenizer.json."""
     world = _world(tmp_path / "big", dim=64, rank=16, tokenizer_bytes=100_000)
     monkeypatch.chdir(world.root)
-    for var, _default in merge_adapter_cli.DEFAULTS.values():
+    for var, _default in merge_adapter.DEFAULTS.values():
         monkeypatch.delenv(var, raising=False)
     return world
 

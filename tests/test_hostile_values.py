@@ -2,7 +2,7 @@
 
 NaN/Inf strengths and alphas, ``r`` that is no positive whole number, bad ``target_modules``/``alpha_pattern``/
 ``rank_pattern``, deeply nested JSON, rank-0 factors, lora_A/lora_B ranks that differ, NaN/Inf in models to extract
-from, ``--device tpu``: each through every command that takes it (merge on the fast path and on the torch path,
+from, ``--device tpu``: each through every command that takes it (merge,
 merge-adapter, lora-merger, combine, extract, lora-extractor, inspect, verify), checking the exit code, one line
 naming the value, inputs byte for byte unchanged and nothing left beside the output. Inf in a base tensor no adapter
 touches is copied, with a warning naming it.
@@ -27,7 +27,9 @@ from hostile import Result, assert_no_litter, assert_refused, run_command, snaps
 from safetensors.torch import load_file, save_file
 
 import lorafuse
-from lorafuse import cli, merge_adapter_cli, seed_cli
+from lorafuse import cli
+from lorafuse.cli import compat
+from lorafuse.cli.compat import lora_merger
 from lorafuse.combine import combine
 from lorafuse.errors import AdapterError, InputError, LorafuseError
 from lorafuse.extract import extract
@@ -36,7 +38,7 @@ PEFT = "base_model.model."
 Q = "model.layers.0.self_attn.q_proj"
 V = "model.layers.0.self_attn.v_proj"
 DIM, RANK = 8, 2
-ADAPTER_COMMANDS = ("merge", "merge-torch", "merge-adapter", "lora-merger", "combine", "inspect", "verify")
+ADAPTER_COMMANDS = ("merge", "merge-adapter", "lora-merger", "combine", "inspect", "verify")
 
 
 # ---- tiny inputs ----------------------------------------------------------------------------------------------
@@ -92,9 +94,9 @@ def good_adapter(tmp_path_factory) -> Path:
 
 MAINS = {
     "lorafuse": cli.main,
-    "merge-adapter": merge_adapter_cli.main,
-    "lora-merger": seed_cli.merger_main,
-    "lora-extractor": seed_cli.extractor_main,
+    "merge-adapter": compat.merge_adapter_main,
+    "lora-merger": compat.merger_main,
+    "lora-extractor": compat.extractor_main,
 }
 
 
@@ -110,8 +112,7 @@ def run_here(command: str, *args) -> Result:
 
 def adapter_command(kind: str, base: Path, adapter: Path, out_dir: Path, monkeypatch) -> Result:
     """Run command ``kind`` (one of ADAPTER_COMMANDS) on ``adapter``, writing (if at all) into ``out_dir``."""
-    monkeypatch.setenv("LORAFUSE_FASTPATH", "0" if kind == "merge-torch" else "1")
-    if kind in ("merge", "merge-torch"):
+    if kind == "merge":
         return run_here("lorafuse", "merge", base, adapter, "-o", out_dir / "merged")
     if kind == "merge-adapter":
         work = out_dir.parent / f"{out_dir.name}-work"  # merge-adapter's own work folder, made first by design
@@ -169,7 +170,7 @@ EVERY_COMMAND = ("alpha-nan", "r-word", "target-bad-regex", "target-not-string",
 
 def _config_matrix():
     for case in CONFIG_CASES:
-        kinds = ADAPTER_COMMANDS if case in EVERY_COMMAND else ("merge", "merge-torch")
+        kinds = ADAPTER_COMMANDS if case in EVERY_COMMAND else ("merge",)
         for kind in kinds:
             yield pytest.param(case, kind, id=f"{case}-{kind}")
 
@@ -244,7 +245,7 @@ def _plain_file(path: Path, alpha: float, a_shape=(RANK, DIM), b_shape=(DIM, RAN
     ],
     ids=["alpha-nan", "alpha-inf", "rank-zero", "ranks-differ"],
 )
-@pytest.mark.parametrize("kind", ["merge-torch", "lora-merger", "combine", "inspect"])
+@pytest.mark.parametrize("kind", ["merge", "lora-merger", "combine", "inspect"])
 def test_single_file_lora_with_broken_values_is_refused(kind, alpha, shapes, needles, base, tmp_path, monkeypatch):
     adapter = _plain_file(tmp_path / "inputs" / "lora.safetensors", alpha, *shapes)
     inputs = snapshot(base, adapter.parent)
@@ -259,15 +260,14 @@ def test_single_file_lora_with_broken_values_is_refused(kind, alpha, shapes, nee
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 @pytest.mark.parametrize(
-    "kind", ["merge", "merge-torch", "lora-merger", "combine", "verify"]
+    "kind", ["merge", "lora-merger", "combine", "verify"]
 )  # merge-adapter has no strength flag
 def test_non_finite_strength_is_refused(kind, value, base, good_adapter, tmp_path, monkeypatch):
     inputs = snapshot(base, good_adapter)
     out = tmp_path / "out"
     out.mkdir()
-    monkeypatch.setenv("LORAFUSE_FASTPATH", "0" if kind == "merge-torch" else "1")
     # FLAG=VALUE: argparse would read "-inf" as an option
-    if kind in ("merge", "merge-torch"):
+    if kind == "merge":
         result = run_here("lorafuse", "merge", base, good_adapter, "-o", out / "m", f"--weight={value}")
         flag = "--weight"
     elif kind == "lora-merger":
@@ -291,7 +291,7 @@ def test_the_api_refuses_strengths_that_are_not_finite_numbers(weight, base, goo
     with pytest.raises(LorafuseError, match="--weights is .*not a"):
         combine([good_adapter, good_adapter], tmp_path / "c", weights=[1.0, weight])
     with pytest.raises(LorafuseError, match=r"strength of .*\(--weight, --alpha\) is .*not a"):
-        seed_cli.merge_file(base, good_adapter, tmp_path / "m.safetensors", alpha=weight)
+        lora_merger.merge_file(base, good_adapter, tmp_path / "m.safetensors", alpha=weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -300,10 +300,8 @@ def test_a_finite_alpha_times_a_finite_weight_that_overflows_is_refused(base, tm
     inputs = snapshot(base, adapter)
     out = tmp_path / "out"
     out.mkdir()
-    for path in ("1", "0"):  # the fast path leaves it to the torch path, which names it
-        monkeypatch.setenv("LORAFUSE_FASTPATH", path)
-        result = run_here("lorafuse", "merge", base, adapter, "-o", out / "m", "--weight", "1e10")
-        assert_clean_refusal(result, ("q_proj", "strength 1e+10", "not a finite number"), inputs, out)
+    result = run_here("lorafuse", "merge", base, adapter, "-o", out / "m", "--weight", "1e10")
+    assert_clean_refusal(result, ("q_proj", "strength 1e+10", "not a finite number"), inputs, out)
     result = run_here("lorafuse", "combine", adapter, adapter, "-o", out / "c", "--weights", "1e10", "1")
     assert_clean_refusal(result, ("q_proj", "weight 1e+10", "not a finite number"), inputs, out)
 
@@ -321,15 +319,14 @@ def test_combined_factors_that_overflow_fp16_are_not_written(tmp_path):
 # ---- --device ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["merge", "merge-torch", "extract", "lora-extractor", "lora-merger", "verify"])
+@pytest.mark.parametrize("kind", ["merge", "extract", "lora-extractor", "lora-merger", "verify"])
 def test_unknown_device_is_refused_in_one_line(kind, base, good_adapter, tmp_path, monkeypatch):
     tuned = make_base(tmp_path / "inputs" / "tuned", _tensors(5))
     inputs = snapshot(base, good_adapter, tuned)
     out = tmp_path / "out"
     out.mkdir()
-    monkeypatch.setenv("LORAFUSE_FASTPATH", "0" if kind == "merge-torch" else "1")
     device = ("--device", "tpu")
-    if kind in ("merge", "merge-torch"):
+    if kind == "merge":
         result = run_here("lorafuse", "merge", base, good_adapter, "-o", out / "m", *device)
     elif kind == "extract":
         result = run_here("lorafuse", "extract", base, tuned, "-o", out / "x", *device)
@@ -441,15 +438,13 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("fastpath", ["1", "0"])
-def test_untouched_non_finite_base_tensor_is_copied_with_a_warning(fastpath, dtype, tmp_path, monkeypatch):
+def test_untouched_non_finite_base_tensor_is_copied_with_a_warning(dtype, tmp_path):
     tensors = _tensors(0)
     tensors["model.norm.weight"][3] = math.inf
     tensors["model.extra.weight"] = torch.full((DIM,), -math.nan)
     tensors = {name: t.to(dtype) for name, t in tensors.items()}
     base = make_base(tmp_path / "base", tensors)
     adapter = make_adapter(tmp_path / "adapter")
-    monkeypatch.setenv("LORAFUSE_FASTPATH", fastpath)
     result = run_here("lorafuse", "merge", base, adapter, "-o", tmp_path / "merged")
     assert result.code == 0, result.err
     provenance = json.loads((tmp_path / "merged" / "lorafuse_merge.json").read_text())
@@ -458,7 +453,6 @@ def test_untouched_non_finite_base_tensor_is_copied_with_a_warning(fastpath, dty
         "2 base tensor(s) that no adapter changes hold NaN or Inf and are copied as they are: model.extra.weight, "
         "model.norm.weight; the base model itself is broken there"
     ]
-    assert provenance["engine"] == "torch"  # the fast path leaves what it would have to report to the torch path
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     for name in ("model.norm.weight", "model.extra.weight"):  # byte for byte the base's
         assert torch.equal(merged[name].view(torch.uint8), tensors[name].view(torch.uint8))
@@ -482,25 +476,22 @@ def test_the_warning_names_the_first_few_of_many(tmp_path):
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, -math.nan], ids=["inf", "-inf", "nan", "-nan"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_each_kind_of_non_finite_value_is_found_on_the_fast_path(value, dtype, tmp_path, monkeypatch):
+def test_each_kind_of_non_finite_value_is_found(value, dtype, tmp_path):
     tensors = _tensors(0)
     tensors["model.norm.weight"][DIM - 1] = value  # the last element of the last chunk
     base = make_base(tmp_path / "base", {name: t.to(dtype) for name, t in tensors.items()})
-    monkeypatch.setenv("LORAFUSE_FASTPATH", "1")
     result = run_here("lorafuse", "merge", base, make_adapter(tmp_path / "adapter"), "-o", tmp_path / "merged")
     assert result.code == 0, result.err
     provenance = json.loads((tmp_path / "merged" / "lorafuse_merge.json").read_text())
-    assert provenance["engine"] == "torch"
     assert [w for w in provenance["warnings"] if "NaN or Inf" in w and "model.norm.weight" in w]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_a_finite_base_gets_no_warning_and_stays_on_the_fast_path(dtype, good_adapter, tmp_path, monkeypatch):
+def test_a_finite_base_gets_no_warning(dtype, good_adapter, tmp_path):
     tensors = _tensors(0)
     tensors["model.norm.weight"][3] = 65504 if dtype == torch.float16 else 3e38  # finite, at the top of the range
     tensors["model.norm.weight"][4] = -tensors["model.norm.weight"][3]
     base = make_base(tmp_path / "base", {name: t.to(dtype) for name, t in tensors.items()})
-    monkeypatch.setenv("LORAFUSE_FASTPATH", "1")
     result = run_here("lorafuse", "merge", base, good_adapter, "-o", tmp_path / "merged")
     assert result.code == 0, result.err
     provenance = json.loads((tmp_path / "merged" / "lorafuse_merge.json").read_text())
@@ -529,7 +520,7 @@ def test_in_child_processes(base, tmp_path):
     inputs = snapshot(base, adapter, tuned)
     out = tmp_path / "out"
     out.mkdir()
-    # The fast path (the default) once accepted r: "eight"; it reads the config with the torch path's reader now.
+    # The CLI's fast path once accepted r: "eight"; every merge reads the config with the one reader now.
     result = run_command("lorafuse", "merge", base, adapter, "-o", out / "m")
     assert_clean_refusal(result, ("lorafuse: error:", "r is 'eight'"), inputs, out)
     args = ("--source-model", base, "--lora-model", make_adapter(tmp_path / "good"), "--output", out / "m", "--alpha")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from helpers import make_llama, make_peft_adapter
 from safetensors.torch import load_file, save_file
 
 from lorafuse.cli import main
-from lorafuse.inspect import inspect_path, lora_delta_norm, render
+from lorafuse.inspect import inspect_path, render
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny"
 SCALE = 16 / 8  # the example adapter: lora_alpha 16, r 8
@@ -59,7 +61,7 @@ def test_gram_norm_matches_full_product_for_conv_shapes(tmp_path):
     with Checkpoint([path]) as ckpt:
         edit = LoraDelta(TensorRef(ckpt, "a"), TensorRef(ckpt, "b"), -0.5, "conv")
         expected = float((b.reshape(5, 4).double() @ a.reshape(4, -1).double()).norm()) * 0.5
-        assert lora_delta_norm(edit) == pytest.approx(expected, rel=1e-12)
+        assert edit.delta_norm() == pytest.approx(expected, rel=1e-12)
 
 
 def test_zero_effect_modules_are_listed(tmp_path):
@@ -175,3 +177,48 @@ def test_cli_table_and_json(capsys):
     assert main(["inspect", str(EXAMPLE / "base"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model_type"] == "qwen3"
     assert main(["inspect", str(EXAMPLE / "missing")]) == 1
+
+
+def test_rows_of_every_edit_kind_come_from_the_edits(tmp_path):
+    """modules_to_save (replace), lora_bias (bias), trainable tokens and a diff: each row is what its edit
+    describes, its norm the edit's own (None where the change depends on the base)."""
+    base = make_llama(tmp_path, name="llama")
+    adapter = make_peft_adapter(
+        base,
+        tmp_path / "adapter",
+        target_modules=["q_proj"],
+        modules_to_save=["lm_head"],
+        lora_bias=True,
+        trainable_token_indices={"embed_tokens": [1, 3]},
+    )
+    report = inspect_path(adapter)
+    kinds = report["edit_kinds"]
+    assert kinds["lora"] == kinds["bias"] and kinds["replace"] >= 1 and kinds["tokens"] == 1, kinds
+    state = load_file(adapter / "adapter_model.safetensors")
+    for row in report["modules"]:
+        if row["kind"] == "bias":
+            bias = state[row["source_key"]].double()
+            assert row["norm"] == pytest.approx(float(bias.norm()) * row["scale"], rel=1e-9) and row["shape"]
+        elif row["kind"] in ("replace", "tokens"):
+            assert row["norm"] is None and row["zero_effect"] is False and "weight" in row
+    tokens = next(r for r in report["modules"] if r["kind"] == "tokens")
+    assert tokens["tokens"] == [1, 3] and tokens["target"].endswith("embed_tokens.weight")
+
+
+def test_inspect_needs_no_torch_for_any_format(tmp_path):
+    """Every format lorafuse reads (safetensors files) and a model folder inspect with torch missing."""
+    paths = [EXAMPLE / "adapter", *_single_file_adapters(tmp_path).values(), EXAMPLE / "base"]
+    script = (
+        "import sys, json; sys.modules['torch'] = None\n"
+        "from lorafuse.inspect import inspect_path\n"
+        f"for p in {[str(p) for p in paths]!r}:\n"
+        "    r = inspect_path(p)\n"
+        "    print(json.dumps([r['kind'], r.get('format'), [m['norm'] for m in r.get('modules', [])]]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r[1] for r in reports] == ["peft", "kohya", "diffusion", "plain", None]
+    expected = sorted(full_norm(a, b, SCALE) for a, b in example_pairs().values())
+    for _kind, _fmt, norms in reports[:4]:
+        assert sorted(n for n in norms if n != pytest.approx(4.0)) == pytest.approx(expected, rel=1e-9)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from sources_helpers import ADAPTER, BASE, fake_modelscope, make_adapter_repo, merged_bytes, reference, scaled_adapter
 
-from lorafuse.merge_adapter_cli import DEFAULTS, WORK_MARKER, main
+from lorafuse.cli.compat.merge_adapter import DEFAULTS, WORK_MARKER, main
 
 ENV_VARS = [var for var, _ in DEFAULTS.values()] + ["ADAPTER_CONFIG_JSON", "ADAPTER_CONFIG_PATH"]
 
@@ -165,7 +165,7 @@ def test_adapter_config_from_env_for_a_repo_without_one(setup, clean_env, tmp_pa
 def test_console_script_process_with_env_only(setup, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
     env.update(BASE_MODEL=str(setup["base"]), ADAPTER_REPO_URL=setup["repo"]["url"], ADAPTER_REPO_REF="v1")
-    code = "import sys; from lorafuse.merge_adapter_cli import main; sys.exit(main())"
+    code = "import sys; from lorafuse.cli.compat import merge_adapter_main; sys.exit(merge_adapter_main())"
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[-1].startswith("[merge_adapter] done")

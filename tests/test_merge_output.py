@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 import lorafuse
 from lorafuse.cli import main
-from lorafuse.engine import math_threads
 from lorafuse.errors import LorafuseError
+from lorafuse.math_threads import math_threads
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -133,6 +133,27 @@ def test_single_safetensors_file_base(llama_untied, adapter, reference, tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["merged.safetensors"]
 
 
+def test_single_file_keeps_base_metadata_and_adds_provenance(llama_untied, adapter, tmp_path):
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base.safetensors"
+    save_file(read_tensors(llama_untied), base, metadata={"format": "pt", "origin": "tiny-llama"})
+    out = tmp_path / "merged.safetensors"
+    lorafuse.merge(base, [adapter], out, weights=[0.5])
+    with safe_open(out, "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["format"] == "pt" and metadata["origin"] == "tiny-llama"
+    record = json.loads(metadata["lorafuse_merge"])
+    digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert record["adapters"] == [{"weight": 0.5, "format": "peft", "files": {"adapter_model.safetensors": digest}}]
+    assert record["lorafuse_version"] == lorafuse.__version__
+    # no paths or timings: the same merge into another path is the same bytes
+    again = tmp_path / "elsewhere" / "m.safetensors"
+    again.parent.mkdir()
+    lorafuse.merge(base, [adapter], again, weights=[0.5])
+    assert again.read_bytes() == out.read_bytes()
+
+
 def test_non_weight_files_are_copied(llama_untied, adapter, tmp_path):
     base = shutil.copytree(llama_untied, tmp_path / "base")
     extras = {
@@ -243,7 +264,6 @@ def _crash_on_fifth_read(monkeypatch, base_file: Path) -> list[Path]:
 
 @pytest.mark.parametrize("out_format", ["safetensors", "bin", "single-file"])
 def test_crash_mid_write_leaves_no_output(out_format, llama_untied, adapter, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("LORAFUSE_FASTPATH", "0")  # the torch engine's paths (the fast path's: test_fastpath.py)
     reads = _crash_on_fifth_read(monkeypatch, llama_untied / "model.safetensors")
     if out_format == "single-file":
         base, out, extra = llama_untied / "model.safetensors", tmp_path / "merged.safetensors", []
@@ -307,7 +327,6 @@ def test_adapter_saved_as_bin(llama_untied, adapter, reference, tmp_path):
 
 
 def test_cli_weights_match_api(llama_untied, adapter, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("LORAFUSE_FASTPATH", "0")  # byte-identical: the same engine (fast path: test_fastpath.py)
     second = make_peft_adapter(llama_untied, tmp_path / "second", target_modules=["q_proj", "o_proj"], seed=5)
     cli_out, api_out = tmp_path / "cli", tmp_path / "api"
     args = ["merge", str(llama_untied), str(adapter), str(second), "-o", str(cli_out)]

@@ -348,20 +348,22 @@ def test_modules_to_save_weight_moves_part_of_the_way(llama_untied, tmp_path):
 
 @pytest.mark.parametrize("fixture", ["llama_untied", "gpt2"])
 def test_row_block_merge_matches_peft(fixture, request, tmp_path, monkeypatch):
-    """The engine merges big tensors in row blocks; shrink the block so tiny tensors split (unevenly) too."""
-    import lorafuse.engine
+    """The kernel merges big tensors in row blocks; shrink the block so tiny tensors split (unevenly) too."""
+    from lorafuse.engine import kernel
+    from lorafuse.io.checkpoint import Checkpoint
 
-    monkeypatch.setattr(lorafuse.engine, "ROW_BLOCK_BYTES", 2600)  # 32 columns: blocks of ~19 rows
-    reads: list[tuple[int, int]] = []  # (tensor bytes, bytes read): row blocks, so memory per math thread is a block
-    read = lorafuse.engine._RowMerger._read
-
-    def counting_read(self, info, *args):
-        rows = read(self, info, *args)
-        reads.append((info.nbytes, rows.nbytes))
-        return rows
-
-    monkeypatch.setattr(lorafuse.engine._RowMerger, "_read", counting_read)
+    monkeypatch.setattr(kernel, "ROW_BLOCK_BYTES", 2600)  # 32 columns: blocks of ~20 rows
     base_dir = request.getfixturevalue(fixture)
+    reads: list[tuple[int, int]] = []  # (tensor bytes, bytes read): row blocks, so memory per math thread is a block
+    read = Checkpoint.elements
+
+    def counting_read(self, name, *args, **kwargs):
+        values = read(self, name, *args, **kwargs)
+        if self.files[0].parent == base_dir:  # the base's tensors, not the adapter's
+            reads.append((self.infos[name].nbytes, values.nbytes))
+        return values
+
+    monkeypatch.setattr(Checkpoint, "elements", counting_read)
     if fixture == "gpt2":
         kwargs = dict(target_modules=["c_attn", "c_fc", "c_proj", "wte"], fan_in_fan_out=True)
     else:

@@ -1,25 +1,21 @@
-"""The CLI's prefill (io/prefill.py): the base copied into the output before torch is imported.
+"""The merge pipeline's prefill (io/prefill.py): the base copied into the output while the adapters are read.
 
-Whatever the prefill guessed, the merged files must be byte-identical to a merge without it, and a failed merge
-must leave nothing behind.
+Every entry point gets it (the CLI and the API alike). Whatever the prefill guessed, the merged files must be
+byte-identical to a merge without it, and a failed merge must leave nothing behind.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import make_llama, make_peft_adapter
 
 import lorafuse
 import lorafuse.io.prefill as prefill_module
 from lorafuse.cli import main
-from lorafuse.engine import _BufferPool
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -31,7 +27,7 @@ def adapter(llama_untied, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def prefills(monkeypatch) -> list:
-    """Every Prefill the CLI starts, recorded."""
+    """Every Prefill a merge starts, recorded."""
     started: list = []
     original = prefill_module.speculate
 
@@ -49,28 +45,37 @@ def _weight_bytes(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("shard", ["5GB", "60KB"])
-def test_cli_merge_uses_prefill_and_matches_plain_merge(llama_untied, adapter, tmp_path, prefills, shard, monkeypatch):
-    monkeypatch.setenv("LORAFUSE_FASTPATH", "0")  # the torch engine over the prefill (fastpath.py: test_fastpath.py)
+def test_cli_and_api_use_the_prefill_and_match_a_merge_without_it(
+    llama_untied, adapter, tmp_path, prefills, shard, monkeypatch
+):
+    monkeypatch.setenv("LORAFUSE_PREFILL", "0")
     lorafuse.merge(llama_untied, [adapter], tmp_path / "plain", max_shard_size=shard)
+    assert prefills == []
+    monkeypatch.delenv("LORAFUSE_PREFILL")
     code = main(["merge", str(llama_untied), str(adapter), "-o", str(tmp_path / "cli"), "--max-shard-size", shard])
     assert code == 0
-    assert len(prefills) == 1 and prefills[0] is not None and prefills[0].used
-    plain, cli = _weight_bytes(tmp_path / "plain"), _weight_bytes(tmp_path / "cli")
+    lorafuse.merge(llama_untied, [adapter], tmp_path / "api", max_shard_size=shard)
+    assert len(prefills) == 2 and all(p is not None and p.used for p in prefills)
+    plain, cli, api = (_weight_bytes(tmp_path / name) for name in ("plain", "cli", "api"))
     assert (len(cli) == 1) == (shard == "5GB")  # 60KB: several shards and their index
-    assert cli == plain
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli", "plain"]  # no temporary folder left
+    assert cli == plain == api
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["api", "cli", "plain"]  # no temporary folder left
 
 
-def test_prefill_with_another_layout_is_dropped(llama_untied, adapter, tmp_path):
-    """A guess that does not match the engine's layout (here: other shard size) is removed, not used."""
+def test_prefill_with_another_layout_is_dropped(llama_untied, adapter, tmp_path, monkeypatch):
+    """A guess that does not match the plan's layout (here: other shard size) is removed, not used."""
+    guesses: list = []
+    original = prefill_module.speculate
+
+    def other_layout(base, output, max_shard_size, overwrite, inputs=()):
+        guesses.append(original(base, output, "60KB", overwrite, inputs))
+        return guesses[-1]
+
+    monkeypatch.setattr(prefill_module, "speculate", other_layout)
     out = tmp_path / "merged"
-    guess = prefill_module.speculate(llama_untied, out, "60KB", overwrite=False)
-    assert guess is not None and len(guess.names) > 1
-    try:
-        lorafuse.merge(llama_untied, [adapter], out, prefill=guess)
-    finally:
-        guess.discard()
-    assert not guess.used
+    lorafuse.merge(llama_untied, [adapter], out)
+    assert len(guesses) == 1 and guesses[0] is not None and len(guesses[0].names) > 1 and not guesses[0].used
+    monkeypatch.undo()
     lorafuse.merge(llama_untied, [adapter], tmp_path / "plain")
     assert _weight_bytes(out) == _weight_bytes(tmp_path / "plain")
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "plain").iterdir())
@@ -97,41 +102,21 @@ def test_no_prefill_where_it_cannot_apply(llama_untied, adapter, tmp_path):
 
 
 def test_cli_starts_without_torch():
-    """The prefill only overlaps `import torch` if the CLI gets that far without importing it."""
+    """`import torch` costs a second or more: the CLI must not pay it to start (nor to merge, test_fastpath.py)."""
     code = (
-        "import sys; from lorafuse.cli import _load_commands, build_parser; _load_commands(); build_parser(); "
+        "import sys; from lorafuse.cli import build_parser; build_parser(); "
         "import lorafuse.io.prefill, lorafuse.sources.cli_args; print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
 
-def test_extract_cli_formats_match_the_api():
-    from lorafuse.extract import EXTRACT_FORMATS
-    from lorafuse.extract_cli import EXTRACT_FORMATS as CLI_FORMATS
+def test_extract_cli_formats_are_the_written_formats():
+    from lorafuse.cli import build_parser
+    from lorafuse.formats.registry import written_formats
 
-    assert CLI_FORMATS == EXTRACT_FORMATS
-
-
-def test_buffer_pool_waits_for_its_budget():
-    pool = _BufferPool(budget=100)
-    first = pool.acquire(60)
-    acquired = threading.Event()
-
-    def second() -> None:
-        pool.release(pool.acquire(60))
-        acquired.set()
-
-    thread = threading.Thread(target=second)
-    thread.start()
-    time.sleep(0.2)
-    assert not acquired.is_set()  # 60 + 60 bytes would exceed the budget of 100
-    pool.release(first)
-    thread.join(5)
-    assert acquired.is_set()
-    big = pool.acquire(500)  # alone, a buffer may exceed the budget
-    assert big.numel() >= 500 and big.dtype == torch.uint8
-    pool.release(big)
+    extract = build_parser()._subparsers._group_actions[0].choices["extract"]
+    assert next(a for a in extract._actions if a.dest == "fmt").choices == written_formats()
 
 
 @pytest.mark.parametrize("threads", ["1", "3"])

@@ -282,6 +282,9 @@ def test_saved_adapter_loads_in_peft_and_merges(llama_untied, tmp_path, use_rslo
     folder = save_adapter(model, tmp_path / "adapter")
     peft = PeftModel.from_pretrained(load_model(llama_untied), folder).eval()
     assert_close(logits(peft), trained)
+    peft.save_pretrained(tmp_path / "resaved", save_embedding_layers=False)  # PEFT writes the very same file
+    weights = "adapter_model.safetensors"
+    assert (tmp_path / "resaved" / weights).read_bytes() == (folder / weights).read_bytes()
     lorafuse.merge(llama_untied, [folder], tmp_path / "merged", dtype="fp32")
     assert_close(logits(load_model(tmp_path / "merged")), trained)
     with pytest.raises(lorafuse.errors.OutputError, match="--overwrite"):

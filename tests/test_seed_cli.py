@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorafuse.seed_cli import extractor_main, merger_main
+from lorafuse.cli.compat import extractor_main, merger_main
 
 DIM = 1024  # 1024 x 1024 >= --min-params (1,000,000): factorised; everything else is a full difference
 Q = "blocks.0.self_attn.q"
@@ -185,3 +186,37 @@ def test_console_scripts_are_installed(models, tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "Direct diff: 4" in run.stdout and (tmp_path / "l.safetensors").is_file()
+
+
+def test_extractor_runs_without_torch(models, tmp_path):
+    """torch is an extra: lora-extractor (a safetensors output) runs where it is missing."""
+    base, tuned, _ = models
+    out = tmp_path / "lora"
+    script = (
+        "import sys; sys.modules['torch'] = None\n"  # import torch now fails
+        "from lorafuse.cli.compat import extractor_main\n"
+        f"sys.exit(extractor_main(['--source-model', {str(base)!r}, '--target-model', {str(tuned)!r}, "
+        f"'--output', {str(out)!r}, '--rank', '8']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LoRA decomposition: 1" in proc.stdout
+    lora = load_file(tmp_path / "lora.safetensors")
+    assert lora[f"diffusion_model.{Q}.lora_up.weight"].shape == (DIM, 8)
+
+
+def test_merger_runs_without_torch_and_writes_what_it_writes_with_it(models, tmp_path):
+    """torch is an extra: lora-merger (a safetensors output) merges through the numpy kernel where it is missing."""
+    base, tuned, _ = models
+    lora = tmp_path / "lora.safetensors"
+    assert extractor_main(["--source-model", str(base), "--target-model", str(tuned), "--output", str(lora)]) == 0
+    args = ["--source-model", str(base), "--lora-model", str(lora), "--alpha", "0.8", "--output"]
+    script = (
+        "import sys; sys.modules['torch'] = None\n"  # import torch now fails
+        "from lorafuse.cli.compat import merger_main\n"
+        f"sys.exit(merger_main({args + [str(tmp_path / 'no-torch.safetensors')]!r}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert merger_main(args + [str(tmp_path / "torch.safetensors")]) == 0
+    assert (tmp_path / "no-torch.safetensors").read_bytes() == (tmp_path / "torch.safetensors").read_bytes()

@@ -64,7 +64,7 @@ def test_cli_honours_hf_home_and_offline_env(hf_cache, tmp_path):
     env = {**os.environ, "HF_HOME": str(hf_cache["home"]), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "lorafuse.cli", "merge", "hf://org/tiny-base", "hf://org/tiny-adapter@v2", "-o", out]
+    cmd = [sys.executable, "-m", "lorafuse", "merge", "hf://org/tiny-base", "hf://org/tiny-adapter@v2", "-o", out]
     proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert merged_bytes(out) == hf_cache["ref_scaled"]

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import make_llama, make_peft_adapter, peft_merged, read_tensors
 from safetensors.torch import load_file, save_file
 
 import lorafuse
+from lorafuse.arrays import BF16, F16, F32
 from lorafuse.cli import main
 from lorafuse.verify import ulp, verify
 
@@ -38,10 +42,29 @@ def _copy_with(merged: Path, dest: Path, change) -> Path:
 
 
 def test_ulp():
-    assert ulp(torch.tensor([1.0]), torch.bfloat16).item() == 2.0**-7
-    assert ulp(torch.tensor([1.5]), torch.float32).item() == 2.0**-23
-    assert ulp(torch.tensor([3.0]), torch.float16).item() == 2.0**-9
-    assert ulp(torch.tensor([0.0]), torch.float16).item() == 2.0**-24
+    assert ulp(np.array([1.0]), BF16)[0] == 2.0**-7
+    assert ulp(np.array([1.5]), F32)[0] == 2.0**-23
+    assert ulp(np.array([-3.0]), F16)[0] == 2.0**-9
+    assert ulp(np.array([0.0]), F16)[0] == 2.0**-24
+
+
+def test_weight_level_needs_no_torch_and_a_bare_verify_warns(merged_bf16):
+    """Without torch the weights are still checked in full (also a tampered tensor); the output check is skipped
+    with one warning naming the install, and --no-output-check skips it without one."""
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from lorafuse.cli import main\n"
+        f"merged, base, adapter = {str(merged_bf16)!r}, {str(BASE)!r}, {str(ADAPTER)!r}\n"
+        "sys.exit(main(['verify', merged, '--base', base, '--adapter', adapter, *sys.argv[1:]]))\n"
+    )
+    bare = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert bare.returncode == 0, bare.stderr[-2000:]
+    assert "pip install 'lorafuse[torch]' transformers" in bare.stderr and "--no-output-check" in bare.stderr
+    assert "outputs      skipped: the output-level check needs torch" in bare.stdout and "PASSED" in bare.stdout
+    quiet = subprocess.run([sys.executable, "-c", script, "--no-output-check"], capture_output=True, text=True)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr[-2000:]
+    wrong = subprocess.run([sys.executable, "-c", script, "--weight", "0.9"], capture_output=True, text=True)
+    assert wrong.returncode == 1 and "14 tensor(s) differ" in wrong.stderr, wrong.stderr[-2000:]
 
 
 def test_good_merge_passes_weights_and_outputs(merged_bf16, capsys):

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any
 
 from .errors import LorafuseError
-
-# lorafuse needs no numpy (io/byte_view.py); torch warns at import when it is missing, which would only confuse.
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 __version__ = "0.1.0"
 __all__ = ["LorafuseError", "MergeReport", "merge", "__version__"]
@@ -18,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: `import torch` costs about a second, and the CLI starts writing the output before it (io/prefill.py).
+    # Lazy: the merge pipeline imports numpy and every format; `lorafuse --help` needs none of them.
     if name in ("merge", "MergeReport"):
         from . import merger
 

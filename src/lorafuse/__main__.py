@@ -1,4 +1,4 @@
-"""``python -m lorafuse`` runs the ``lorafuse`` command."""
+"""``python -m lorafuse`` runs the ``lorafuse`` command (with no arguments: its help)."""
 
 import sys
 

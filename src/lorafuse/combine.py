@@ -10,38 +10,39 @@ With weights ``w_i`` and each adapter's scaling ``s_i`` (the result has scaling 
   the relative truncation error ||D - B A|| / ||D|| is reported per module.
 
 Modules get the same rank in the output (zero rows/columns pad the smaller ones, which changes nothing), so the
-adapter loads in PEFT as a plain LoRA. DoRA adapters cannot be combined this way and are refused.
+adapter loads in PEFT as a plain LoRA. DoRA adapters cannot be combined this way and are refused. The math runs
+on numpy in fp32 (fp64 for the svd), without torch.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save
+import numpy as np
 
-from . import __version__
-from .dtypes import dtype_short_name, parse_dtype
-from .edits import BiasDelta, DoraDelta, LoraDelta, Replace, RowReplace, require_finite
+from . import __version__, arrays
+from .blas_threads import BlasPool
+from .edits import BiasDelta, DoraDelta, LoraDelta, Replace, RowReplace, TensorRef, require_finite
 from .errors import AdapterError, LorafuseError, NonFiniteError
 from .formats import read_adapter
+from .formats.peft import PEFT_PREFIX
+from .formats.peft_writer import write_peft_adapter
 from .io.checkpoint import open_model
-from .io.output import AtomicOutput, check_output
-from .peft_flags import finite_number, load_config, strengths
-from .plan import EMBEDDING_SUFFIXES, AdapterInput
+from .io.output import check_output
+from .peft_flags import CONFIG_NAME, finite_number, load_config, strengths
+from .targets import EMBEDDING_SUFFIXES
+
+if TYPE_CHECKING:
+    from .plan import AdapterInput
 
 log = logging.getLogger("lorafuse")
 METHODS = ("cat", "linear", "svd")
-PEFT_PREFIX = "base_model.model."
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 @dataclass
@@ -68,10 +69,10 @@ class CombineReport:
 
 @dataclass
 class _Factor:
-    """One adapter's LoRA on one module, with the adapter weight already folded into ``scale``."""
+    """One adapter's LoRA on one module (fp32), with the adapter weight already folded into ``scale``."""
 
-    A: torch.Tensor
-    B: torch.Tensor
+    A: np.ndarray
+    B: np.ndarray
     scale: float
 
 
@@ -81,7 +82,7 @@ class _Module:
     embedding: bool
     transposed: bool
     factors: list[_Factor] = field(default_factory=list)
-    bias: torch.Tensor | None = None  # sum of the weighted lora_B biases (output scaling is 1)
+    bias: np.ndarray | None = None  # sum of the weighted lora_B biases (output scaling is 1)
 
 
 def _module_name(target: str) -> str:
@@ -92,12 +93,33 @@ def _is_embedding(edit: LoraDelta, target: str) -> bool:
     return "lora_embedding" in edit.source_key or (edit.layout == "transposed" and target.endswith(EMBEDDING_SUFFIXES))
 
 
+def _stored_dtype(ref: TensorRef) -> np.dtype:
+    return arrays.dtype_of(ref.checkpoint.infos[ref.name].code)
+
+
+def _stored(ref: TensorRef) -> np.ndarray:
+    """The tensor as stored; NaN/Inf refused, naming file and tensor."""
+    return require_finite(ref, ref.checkpoint.array(ref.name))
+
+
+def _fp32(ref: TensorRef) -> np.ndarray:
+    value = _stored(ref)
+    return arrays.decode_f32(value, value.dtype)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same shape and values (as torch.equal: -0.0 equals 0.0)."""
+    if a.dtype != b.dtype:
+        a, b = a.astype(np.float64), b.astype(np.float64)
+    return a.shape == b.shape and bool(np.array_equal(a, b))
+
+
 def _collect(
     inputs: list[AdapterInput], weights: list[float]
-) -> tuple[dict[str, _Module], dict[str, torch.Tensor], list[str]]:
+) -> tuple[dict[str, _Module], dict[str, np.ndarray], list[str]]:
     """Every module's weighted factors, plus the full tensors to carry over unchanged (by their PEFT key)."""
     modules: dict[str, _Module] = {}
-    carried: dict[str, torch.Tensor] = {}
+    carried: dict[str, np.ndarray] = {}
     warnings: list[str] = []
     for inp, weight in zip(inputs, weights):
         carried_here = 0
@@ -119,19 +141,18 @@ def _collect(
                     "use a smaller --weights value",
                     AdapterError,
                 )
-                a, b = require_finite(edit.A, edit.A.load()), require_finite(edit.B, edit.B.load())
-                module.factors.append(_Factor(a, b, scale))
+                module.factors.append(_Factor(_fp32(edit.A), _fp32(edit.B), scale))
             elif isinstance(edit, BiasDelta):
                 name = _module_name(target)
-                bias = require_finite(edit.b, edit.b.load()) * (edit.scale * weight)
+                bias = _fp32(edit.b) * (edit.scale * weight)
                 module = modules.get(name)
                 if module is None:
                     raise AdapterError(f"{inp.label}: {edit.source_key!r} is a lora_B bias without lora weights")
                 module.bias = bias if module.bias is None else module.bias + bias
             elif isinstance(edit, Replace) and edit.source_key.startswith(PEFT_PREFIX):
-                tensor = require_finite(edit.T, edit.T.load()).to(edit.T.checkpoint.infos[edit.T.name].dtype)
+                tensor = _stored(edit.T)
                 previous = carried.get(edit.source_key)
-                if previous is not None and not torch.equal(previous, tensor):
+                if previous is not None and not _same(previous, tensor):
                     raise AdapterError(
                         f"{inp.label}: {edit.source_key!r} is also saved, with other values, by an earlier adapter; "
                         "two adapters that both train a module (modules_to_save) cannot be combined"
@@ -157,17 +178,17 @@ def _collect(
     return modules, carried, warnings
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
+def _flat(t: np.ndarray) -> np.ndarray:
     return t.reshape(t.shape[0], -1)
 
 
-def _combine_module(module: _Module, method: str, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float | None]:
-    """The module's combined (A, B) with scaling 1, and the svd truncation error (relative)."""
+def _combine_module(module: _Module, method: str, rank: int | None) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """The module's combined (A, B) in fp32 with scaling 1, and the svd truncation error (relative)."""
     factors = module.factors
     if method == "cat":
         return (
-            torch.cat([f.A * f.scale for f in factors], dim=0),
-            torch.cat([f.B for f in factors], dim=1),
+            np.concatenate([f.A * f.scale for f in factors], axis=0),
+            np.concatenate([f.B for f in factors], axis=1),
             None,
         )
     if method == "linear":
@@ -183,37 +204,43 @@ def _combine_module(module: _Module, method: str, rank: int | None) -> tuple[tor
     # svd: truncate the weighted sum of the updates D = sum s_i B_i A_i, in (out, in * kernel) form. D is the
     # product of the stacked factors, so its SVD comes from QR of each side and the SVD of a small R x R core:
     # the same result as a full SVD of D, without ever forming D.
-    B_cat = torch.cat([_flat(f.B).double() for f in factors], dim=1)
-    A_cat = torch.cat([_flat(f.A).double() * f.scale for f in factors], dim=0)
-    Qb, Rb = torch.linalg.qr(B_cat)
-    Qa, Ra = torch.linalg.qr(A_cat.T)
-    Uc, S, Vhc = torch.linalg.svd(Rb @ Ra.T)
+    B_cat = np.concatenate([_flat(f.B).astype(np.float64) for f in factors], axis=1)
+    A_cat = np.concatenate([_flat(f.A).astype(np.float64) * f.scale for f in factors], axis=0)
+    Qb, Rb = np.linalg.qr(B_cat)
+    Qa, Ra = np.linalg.qr(A_cat.T)
+    Uc, S, Vhc = np.linalg.svd(Rb @ Ra.T, full_matrices=False)
     k = min(rank or max(f.A.shape[0] for f in factors), int((S > 0).sum()) or 1)
     B2 = (Qb @ Uc[:, :k]) * S[:k]
     A2 = Vhc[:k] @ Qa.T
-    total = torch.sum(S * S).item()
-    error = math.sqrt(torch.sum(S[k:] * S[k:]).item() / total) if total > 0 else 0.0
+    total = float(np.sum(S * S))
+    error = math.sqrt(float(np.sum(S[k:] * S[k:])) / total) if total > 0 else 0.0
     A_shape = (k, *factors[0].A.shape[1:])
     B_shape = (factors[0].B.shape[0], k, *factors[0].B.shape[2:])
-    return A2.float().reshape(A_shape).contiguous(), B2.float().reshape(B_shape).contiguous(), error
+    A_out = np.ascontiguousarray(A2.astype(np.float32).reshape(A_shape))
+    return A_out, np.ascontiguousarray(B2.astype(np.float32).reshape(B_shape)), error
 
 
-def _pad(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(A: np.ndarray, B: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """Zero rows of A and columns of B up to ``rank`` (the update B A does not change)."""
     extra = rank - A.shape[0]
     if extra <= 0:
         return A, B
-    A = torch.cat([A, A.new_zeros((extra, *A.shape[1:]))], dim=0)
-    B = torch.cat([B, B.new_zeros((B.shape[0], extra, *B.shape[2:]))], dim=1)
+    A = np.concatenate([A, np.zeros((extra, *A.shape[1:]), dtype=A.dtype)], axis=0)
+    B = np.concatenate([B, np.zeros((B.shape[0], extra, *B.shape[2:]), dtype=B.dtype)], axis=1)
     return A, B
 
 
-def _check_finite(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+def _rounded(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """fp32 ``values`` in the stored ``dtype`` (no copy when they are fp32 already)."""
+    return values if values.dtype == dtype else arrays.round_to(values, dtype)
+
+
+def _check_finite(tensors: dict[str, np.ndarray], dtype: np.dtype) -> None:
     """Never write a NaN/Inf adapter: finite inputs and weights can still overflow, in the stored dtype above all."""
     for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if arrays.is_float(tensor.dtype) and not np.isfinite(tensor).all():
             raise NonFiniteError(
-                f"{key} of the combined adapter holds NaN or Inf in {dtype_short_name(dtype)}: "
+                f"{key} of the combined adapter holds NaN or Inf in {arrays.short_name(dtype)}: "
                 "use smaller --weights, or --dtype fp32"
             )
 
@@ -261,6 +288,13 @@ def _output_config(
     return config
 
 
+def _close(inputs: list[AdapterInput]) -> None:
+    for inp in inputs:
+        for targeted in inp.edits:
+            for ref in targeted.edit.refs():
+                ref.checkpoint.close()
+
+
 def combine(
     adapters: Sequence[str | Path],
     output: str | Path,
@@ -290,7 +324,7 @@ def combine(
         raise LorafuseError(f"{len(weights)} weights for {len(paths)} adapters: give one weight per adapter")
     if rank is not None and (method != "svd" or rank <= 0):
         raise LorafuseError("--rank applies to --method svd only and must be a positive integer")
-    out_dtype = parse_dtype(dtype)
+    out_dtype = arrays.parse_dtype(dtype)
     output = Path(output)
     checked = check_output(output, overwrite, [*paths, *([Path(base)] if base is not None else [])])
 
@@ -304,44 +338,38 @@ def combine(
         modules, carried, warnings = _collect(inputs, weights)
         if out_dtype is None:
             first = next((e.edit for e in inputs[0].edits if isinstance(e.edit, LoraDelta)), None)
-            out_dtype = first.A.checkpoint.infos[first.A.name].dtype if first is not None else torch.float32
+            out_dtype = _stored_dtype(first.A) if first is not None else arrays.F32
     finally:
-        for inp in inputs:
-            for targeted in inp.edits:
-                for ref in targeted.edit.refs():
-                    ref.checkpoint.close()
+        _close(inputs)
     if not modules:
         raise AdapterError("the adapters hold no LoRA weights to combine")
 
-    combined: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    combined: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     errors: dict[str, float] = {}
-    for name, module in modules.items():
-        A, B, error = _combine_module(module, method, rank)
-        combined[name] = (A, B)
-        if error is not None:
-            errors[name] = error
+    with BlasPool().one_thread():  # thin QRs and small SVDs (svd): a second BLAS thread only waits
+        for name, module in modules.items():
+            A, B, error = _combine_module(module, method, rank)
+            combined[name] = (A, B)
+            if error is not None:
+                errors[name] = error
     out_rank = max(A.shape[0] for A, _B in combined.values())
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, np.ndarray] = {}
     for name, (A, B) in combined.items():
         A, B = _pad(A, B, out_rank)
         a_key, b_key = (
             ("lora_embedding_A", "lora_embedding_B") if modules[name].embedding else ("lora_A.weight", "lora_B.weight")
         )
-        tensors[f"{PEFT_PREFIX}{name}.{a_key}"] = A.to(out_dtype).contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.{b_key}"] = B.to(out_dtype).contiguous()
-        if modules[name].bias is not None:
-            tensors[f"{PEFT_PREFIX}{name}.lora_B.bias"] = modules[name].bias.to(out_dtype).contiguous()  # type: ignore[union-attr]
+        tensors[f"{PEFT_PREFIX}{name}.{a_key}"] = _rounded(A, out_dtype)
+        tensors[f"{PEFT_PREFIX}{name}.{b_key}"] = _rounded(B, out_dtype)
+        bias = modules[name].bias
+        if bias is not None:
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.bias"] = _rounded(bias, out_dtype)
     for key, tensor in carried.items():
-        tensors.setdefault(key, tensor.contiguous())
+        tensors.setdefault(key, tensor)
     _check_finite(tensors, out_dtype)
     lora_bias = any(m.bias is not None for m in modules.values())
     config = _output_config(_first_config(paths[0]), out_rank, modules, paths, lora_bias)
-
-    with AtomicOutput(output, checked=checked) as out:
-        (out.tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        # Serialized here and written by Python: a full disk is then an OSError naming the reason.
-        (out.tmp / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
-        out.commit()
+    write_peft_adapter(output, tensors, config, checked=checked)
 
     for warning in warnings:
         log.warning(warning)
@@ -351,7 +379,7 @@ def combine(
         rank=out_rank,
         modules=len(modules),
         adapters=[{"path": str(p), "weight": w} for p, w in zip(paths, weights)],
-        dtype=dtype_short_name(out_dtype),
+        dtype=arrays.short_name(out_dtype),
         carried_tensors=len(carried),
         warnings=warnings,
     )

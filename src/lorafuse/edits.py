@@ -1,22 +1,33 @@
-"""Edit kinds: each changes one base tensor, in fp32, in place.
+"""Edit kinds: each changes one base tensor, or a range of its rows, in fp32, one block of rows at a time.
 
-An adapter format reads its file into a list of :class:`TargetedEdit` (target tensor name + edit); the plan
-maps targets onto base tensors and the engine applies the edits of one tensor in order.
+An adapter format reads its file into :class:`TargetedEdit` s (the tensor the adapter names, an optional row
+range of it, the edit); the plan maps targets onto base tensors and a kernel applies each tensor's edits in
+order to blocks of its rows (engine/kernel.py: numpy on the CPU; engine/cuda.py: torch on a GPU, through the same
+``apply``). An edit knows its own math (:meth:`Edit.apply`), how a strength scales it (:meth:`Edit.scaled`),
+what it is (:meth:`Edit.describe`), how large its change is (:meth:`Edit.delta_norm`), whether it changes nothing
+(:meth:`Edit.no_effect`) and which adapter tensors it reads (:meth:`Edit.refs`): a new tuner type is a new class
+here, nothing else.
+
+A block is the fp32 rows ``rows`` (a slice, in the edit's own row numbering) of the tensor viewed as 2-D:
+``(rows, prod(shape[1:]))``, a 1-D tensor as one column. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
-import torch
+import numpy as np
 
+from .arrays import F32, decode_f32
 from .errors import AdapterError, NonFiniteError
 from .io.checkpoint import Checkpoint
 from .peft_flags import finite_number
 
 Layout = Literal["linear", "transposed", "conv"]
+Array = Any  # a numpy array on the CPU kernel, a torch tensor on the CUDA kernel and in lorafuse.runtime
 
 
 @dataclass(frozen=True)
@@ -34,20 +45,27 @@ class TensorRef:
     def file(self) -> str:
         return str(self.checkpoint.infos[self.name].path)
 
-    def load(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The tensor as fp32 (on ``device`` when given)."""
-        return self.checkpoint.get(self.name).to(device=device).to(torch.float32)
+    def load(self) -> np.ndarray:
+        """The whole tensor as fp32, in memory owned by the caller."""
+        return decode_f32(self.checkpoint.array(self.name), self.checkpoint.infos[self.name].dtype)
+
+    def load_span(self, start: int, stop: int) -> np.ndarray:
+        """Elements ``start:stop`` of the tensor flattened, as fp32 (read alone: a block's share of a big tensor)."""
+        info = self.checkpoint.infos[self.name]
+        return decode_f32(self.checkpoint.elements(self.name, start, stop), info.dtype)
 
 
-def require_finite(ref: TensorRef, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` (``ref`` as loaded) when it holds no NaN/Inf; else :class:`NonFiniteError` naming file and tensor."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+def require_finite(ref: TensorRef, values: np.ndarray) -> np.ndarray:
+    """``values`` (``ref`` as loaded) when they hold no NaN/Inf; else :class:`NonFiniteError` naming file and tensor."""
+    if values.size and not np.isfinite(values.min() + values.max()):  # NaN propagates; Inf shows (or overflows)
         raise NonFiniteError(f"{ref.file}: tensor {ref.name!r} holds NaN or Inf; the adapter is broken")
-    return tensor
+    return values
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
+def frobenius(values: np.ndarray) -> float:
+    """The Frobenius norm of ``values``, summed in fp64 (a sum of many squares loses digits in fp32)."""
+    flat = values.reshape(-1).astype(np.float64)
+    return float(np.sqrt(flat @ flat))
 
 
 def lora_rank_error(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> str | None:
@@ -62,36 +80,144 @@ def lora_rank_error(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> str |
     return None
 
 
-@dataclass
+class BlockOps:
+    """What an edit reads and computes with, on numpy: adapter tensors in fp32 and a few array operations.
+
+    One per output tensor and thread. Values every block needs (LoRA factors, magnitudes) are read once and kept
+    for the tensor's blocks (:meth:`cached`); a block's share of a big tensor (a replacement, a difference) is read
+    per block (:meth:`span`). Products go into one reused buffer: a fresh 4 MB array per block would cost page
+    faults every time. engine/cuda.py gives the same operations on torch, so every edit has one implementation.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[int, str], Any] = {}
+        self._product = np.empty(0, dtype=F32)
+
+    def forget(self) -> None:
+        """Drop the values kept for the last tensor (its factors), before the next one."""
+        self._kept.clear()
+
+    def cached(self, owner: object, what: str, make: Callable[[], Array]) -> Array:
+        """``make()``, computed once per ``owner`` (an edit) and ``what`` for the life of this object."""
+        key = (id(owner), what)
+        if key not in self._kept:
+            self._kept[key] = make()
+        return self._kept[key]
+
+    def array(self, values: np.ndarray) -> Array:
+        """fp32 numpy values (read from a file) as this library's array."""
+        return values
+
+    def load(self, ref: TensorRef) -> Array:
+        """The whole adapter tensor in fp32."""
+        return self.array(ref.load())
+
+    def span(self, ref: TensorRef, rows: slice, cols: int) -> Array:
+        """Rows ``rows`` of the adapter tensor viewed as ``(-1, cols)``, in fp32, in memory the caller may change."""
+        return self.array(ref.load_span(rows.start * cols, rows.stop * cols).reshape(-1, cols))
+
+    def product(self, left: Array, right: Array) -> Array:
+        """``left @ right`` in fp32, into a buffer reused by the next call."""
+        size = left.shape[0] * right.shape[1]
+        if self._product.size < size:
+            self._product = np.empty(size, dtype=F32)
+        out = self._product[:size].reshape(left.shape[0], right.shape[1])
+        return np.matmul(left, right, out=out)
+
+    def norm(self, values: Array, axis: int) -> Array:
+        """The L2 norm along ``axis``, keeping the dimension."""
+        return np.linalg.norm(values, axis=axis, keepdims=True)
+
+    def contiguous(self, values: Array) -> Array:
+        return np.ascontiguousarray(values)
+
+
+@dataclass(frozen=True)
 class Edit:
-    """Base class. ``adapter`` labels where the edit came from (for errors and reports)."""
+    """One change to a tensor. ``adapter`` labels where it came from (for errors and reports), ``source_key`` the
+    adapter tensor that names it."""
 
     adapter: str = field(default="", kw_only=True)
     source_key: str = field(default="", kw_only=True)
 
+    # --- what the kernel needs to know -------------------------------------------------------------------------
+    @property
+    def whole_tensor(self) -> bool:
+        """The edit needs all rows at once (a norm across rows): the kernel gives it the tensor as one block."""
+        return False
+
+    @property
+    def needs_base(self) -> bool:
+        """The edit reads the rows as they were before the tensor's other edits (DoRA's norm)."""
+        return False
+
+    @property
+    def overwrites(self) -> bool:
+        """The edit sets every value of its rows whatever they held: nothing before it needs to be read."""
+        return False
+
+    @property
+    def goes_first(self) -> bool:
+        """The edit gives the values every other edit of the tensor applies on (a saved copy of the base layer)."""
+        return False
+
+    def apply(self, block: Array, rows: slice, ops: BlockOps, base: Array | None = None) -> None:
+        """Change ``block`` in place: the fp32 rows ``rows`` of the target (2-D, see the module docstring).
+
+        ``base`` holds the same rows before the tensor's other edits (only for :attr:`needs_base`; None when
+        ``block`` still holds them).
+        """
+        raise NotImplementedError
+
+    # --- what the plan, inspect and reports need ---------------------------------------------------------------
     def refs(self) -> list[TensorRef]:
+        """The adapter tensors the edit reads."""
         return []
 
     def shape_error(self, shape: tuple[int, ...]) -> str | None:
-        """Why this edit cannot apply to a base tensor of ``shape``, or None when it fits."""
+        """Why this edit cannot apply to a target of ``shape``, or None when it fits."""
         return None
 
-    def apply(self, weight: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """Return the edited ``weight`` (fp32; may be modified in place). ``base`` is the unedited base tensor."""
+    def new_shape(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The shape a target of ``shape`` has after this edit when the edit changes it (a resized vocabulary
+        saved whole), else None."""
+        return None
+
+    def oriented(self, shape: tuple[int, ...], conv1d: bool | None) -> Edit:
+        """The edit as it applies to a target of ``shape`` (see LoraDelta: Linear vs GPT-2 Conv1D layers)."""
+        return self
+
+    def scaled(self, strength: float) -> Edit:
+        """A copy whose effect is scaled by ``strength`` (the per-adapter ``--weight``)."""
         raise NotImplementedError
 
-    @property
-    def touches_values(self) -> bool:
-        return True
+    def describe(self) -> dict[str, Any]:
+        """A short description for inspect and reports: ``kind`` and what sets the size of the change."""
+        return {"kind": type(self).__name__}
+
+    def no_effect(self, load: Callable[[TensorRef], np.ndarray] = TensorRef.load) -> bool:
+        """True when the edit changes nothing whatever the base (an untrained lora_B of zeros); ``load`` reads
+        a tensor (the plan passes one that checks values too)."""
+        return False
+
+    def delta_norm(self, load: Callable[[TensorRef], np.ndarray] = TensorRef.load) -> float | None:
+        """``||change||_F`` in fp64 when it does not depend on the base (inspect's size of an update), else None;
+        ``load`` reads a tensor."""
+        return None
+
+    def _times(self, value: float, strength: float) -> float:
+        """``value * strength``, which must stay finite (a huge alpha times a huge strength overflows)."""
+        what = f"{self.adapter}: the scale of {self.source_key!r} times the adapter's strength {strength:g}"
+        return finite_number(value * strength, what, "use a smaller strength or lora_alpha", AdapterError)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraDelta(Edit):
     """W += scale * B @ A, in the layout of the base tensor.
 
     ``linear``: W is (out, in). ``transposed``: W is (in, out) (fan_in_fan_out Conv1D, and embeddings where PEFT
     stores A as (r, num_embeddings) and B as (dim, r)). ``conv``: W is (out, in, *kernel), B is (out, r, 1, ...),
-    A is (r, in, *kernel).
+    A is (r, in, *kernel). Every layout splits by rows of W: rows of B (linear, conv) or of A.T (transposed).
     """
 
     A: TensorRef
@@ -107,12 +233,11 @@ class LoraDelta(Edit):
         return self.A.shape[0]
 
     def delta_shape(self) -> tuple[int, ...]:
-        out, rank = self.B.shape[0], self.B.shape[1] if len(self.B.shape) > 1 else 1
+        out = self.B.shape[0]
         if self.layout == "conv":
             return (out, *self.A.shape[1:])
         if self.layout == "transposed":
             return (self.A.shape[1], out)
-        del rank
         return (out, self.A.shape[1])
 
     def shape_error(self, shape: tuple[int, ...]) -> str | None:
@@ -123,33 +248,74 @@ class LoraDelta(Edit):
             return f"the adapter's update has shape {self.delta_shape()} but the base tensor is {tuple(shape)}"
         return None
 
-    def delta(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The full fp32 update scale * B @ A in the base tensor's layout."""
-        a, b = self.A.load(device), self.B.load(device)
-        b2 = b.reshape(b.shape[0], -1)
-        a2 = a.reshape(a.shape[0], -1)
-        d = (b2 @ a2) * self.scale
-        if self.layout == "transposed":
-            return d.T
-        return d.reshape(self.delta_shape())
+    def factors(self, ops: BlockOps) -> tuple[Array, Array]:
+        """(left, right) with W[rows] += left[rows] @ right: the scale goes on B, once per tensor."""
 
-    def apply(self, weight: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        a, b = self.A.load(weight.device), self.B.load(weight.device)
-        b2 = b.reshape(b.shape[0], -1)
-        a2 = a.reshape(a.shape[0], -1)
-        if self.layout == "transposed":
-            weight.addmm_(a2.T, b2.T, alpha=self.scale)
-        else:
-            weight.view(weight.shape[0], -1).addmm_(b2, a2, alpha=self.scale)
-        return weight
+        def make() -> tuple[Array, Array]:
+            a = ops.load(self.A).reshape(self.A.shape[0], -1)
+            b = ops.load(self.B).reshape(self.B.shape[0], -1)
+            b *= np.float32(self.scale)
+            if self.layout == "transposed":  # W (in, out) += A.T @ (s * B).T
+                return ops.contiguous(a.T), ops.contiguous(b.T)
+            return b, a
+
+        return ops.cached(self, "factors", make)
+
+    def apply(self, block: Array, rows: slice, ops: BlockOps, base: Array | None = None) -> None:
+        left, right = self.factors(ops)
+        block += ops.product(left[rows], right)
+
+    def _flipped(self) -> LoraDelta:
+        """The same LoRA read in the other orientation (Linear <-> GPT-2 Conv1D)."""
+        return replace(self, layout="transposed" if self.layout == "linear" else "linear")
+
+    def oriented(self, shape: tuple[int, ...], conv1d: bool | None) -> Edit:
+        """Orient a LoRA as PEFT does: by the layer's class, whatever the adapter config's ``fan_in_fan_out`` says.
+
+        ``conv1d`` (conv1d.py) says whether the base weight is a GPT-2 Conv1D layer's, or None when the base's
+        config cannot tell: then only a shape that fits the other orientation alone (not a square one) flips it.
+        """
+        if self.layout not in ("linear", "transposed") or "lora_embedding" in self.source_key:
+            return self  # conv layers have one layout; embeddings are always transposed
+        if conv1d is not None:
+            wanted = "transposed" if conv1d else "linear"
+            other = self._flipped() if self.layout != wanted else self
+            return other if other.shape_error(shape) is None else self
+        if self.shape_error(shape):
+            other = self._flipped()
+            if other.shape_error(shape) is None and len(set(shape)) == len(shape):
+                return other
+        return self
+
+    def scaled(self, strength: float) -> Edit:
+        return self if strength == 1.0 else replace(self, scale=self._times(self.scale, strength))
+
+    def describe(self) -> dict[str, Any]:
+        shape = list(self.delta_shape())
+        return {"kind": "lora", "rank": self.rank, "scale": self.scale, "layout": self.layout, "shape": shape}
+
+    def no_effect(self, load: Callable[[TensorRef], np.ndarray] = TensorRef.load) -> bool:
+        return not load(self.B).any()
+
+    def delta_norm(self, load: Callable[[TensorRef], np.ndarray] = TensorRef.load) -> float | None:
+        """``||scale * B @ A||_F`` without forming B @ A: sqrt(sum((B^T B) * (A A^T))) * |scale| (DoRA: the
+        update before its magnitudes rescale it)."""
+        b = load(self.B).reshape(self.B.shape[0], -1).astype(np.float64)
+        if not b.any():
+            return 0.0
+        a = load(self.A).reshape(self.A.shape[0], -1).astype(np.float64)
+        # ||BA||_F^2 = trace(A^T B^T B A) = <B^T B, A A^T>; each Gram matrix is only r x r.
+        squared = float(((b.T @ b) * (a @ a.T)).sum())
+        return math.sqrt(max(squared, 0.0)) * abs(self.scale)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DoraDelta(LoraDelta):
     """DoRA: W' = m * (W + dW) / ||W0 + dW||, the norm taken per output feature of the *unmerged* base W0.
 
     ``output_dim`` is the axis that indexes output features (0 for Linear/Conv, 1 for fan_in_fan_out and
-    embeddings), matching PEFT's merge.
+    embeddings), matching PEFT's merge. Along rows (0) each row block has all it needs; along columns (1) the norm
+    runs over every row, so the edit takes the whole tensor.
     """
 
     magnitude: TensorRef | None = None
@@ -158,25 +324,47 @@ class DoraDelta(LoraDelta):
     def refs(self) -> list[TensorRef]:
         return [self.A, self.B, self.magnitude] if self.magnitude is not None else [self.A, self.B]
 
+    @property
+    def whole_tensor(self) -> bool:
+        return self.output_dim != 0
+
+    @property
+    def needs_base(self) -> bool:
+        return True
+
     def shape_error(self, shape: tuple[int, ...]) -> str | None:
         err = super().shape_error(shape)
         if err or self.magnitude is None:
             return err
-        if _numel(self.magnitude.shape) != shape[self.output_dim]:
-            return f"DoRA magnitude has {_numel(self.magnitude.shape)} values for {shape[self.output_dim]} features"
+        if math.prod(self.magnitude.shape) != shape[self.output_dim]:
+            return f"DoRA magnitude has {math.prod(self.magnitude.shape)} values for {shape[self.output_dim]} features"
         return None
 
-    def apply(self, weight: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    def apply(self, block: Array, rows: slice, ops: BlockOps, base: Array | None = None) -> None:
         assert self.magnitude is not None
-        delta = self.delta(weight.device)
-        dims = tuple(d for d in range(base.dim()) if d != self.output_dim)
-        norm = torch.linalg.vector_norm(base + delta, dim=dims, keepdim=True)
-        factor = self.magnitude.load(weight.device).reshape(norm.shape) / norm
-        weight.add_(delta).mul_(factor)
-        return weight
+        left, right = self.factors(ops)
+        delta = ops.product(left[rows], right)
+        unmerged = block if base is None else base
+        magnitude = ops.cached(self, "magnitude", lambda: ops.load(self.magnitude).reshape(-1))
+        if self.output_dim == 0:  # one feature per row: this block's rows are all its norm needs
+            factor = magnitude[rows].reshape(-1, 1) / ops.norm(unmerged + delta, axis=1)
+        else:  # one feature per column (the whole tensor is this block)
+            factor = magnitude.reshape(1, -1) / ops.norm(unmerged + delta, axis=0)
+        block += delta
+        block *= factor
+
+    def _flipped(self) -> LoraDelta:
+        flipped = super()._flipped()
+        return replace(flipped, output_dim=1 - self.output_dim)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "kind": "dora"}
+
+    def no_effect(self, load: Callable[[TensorRef], np.ndarray] = TensorRef.load) -> bool:
+        return False  # the magnitudes rescale rows even when lora_B is zero
 
 
-@dataclass
+@dataclass(frozen=True)
 class FullDiff(Edit):
     """W += alpha * D (full-rank difference: ``.diff``, ``.diff_b``, ``.diff_m``)."""
 
@@ -187,42 +375,81 @@ class FullDiff(Edit):
         return [self.D]
 
     def shape_error(self, shape: tuple[int, ...]) -> str | None:
-        if _numel(self.D.shape) != _numel(shape):
+        if math.prod(self.D.shape) != math.prod(shape):
             return f"the difference has shape {self.D.shape} but the base tensor is {tuple(shape)}"
         return None
 
-    def apply(self, weight: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        weight.add_(self.D.load(weight.device).reshape(weight.shape), alpha=self.alpha)
-        return weight
+    def apply(self, block: Array, rows: slice, ops: BlockOps, base: Array | None = None) -> None:
+        diff = ops.span(self.D, rows, block.shape[1])
+        if self.alpha != 1.0:
+            diff *= np.float32(self.alpha)
+        block += diff
+
+    def scaled(self, strength: float) -> Edit:
+        return self if strength == 1.0 else replace(self, alpha=self._times(self.alpha, strength))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "diff", "scale": self.alpha, "shape": list(self.D.shape)}
+
+    def no_effect(self, load: Callable[[TensorRef], np.ndarray] = TensorRef.load) -> bool:
+        return not load(self.D).any()
+
+    def delta_norm(self, load: Callable[[TensorRef], np.ndarray] = TensorRef.load) -> float | None:
+        return frobenius(load(self.D)) * abs(self.alpha)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Replace(Edit):
-    """W = T (PEFT ``modules_to_save``, trained biases, saved base layers)."""
+    """W = T (PEFT ``modules_to_save``, trained biases, saved base layers).
+
+    ``weight`` < 1 moves only part of the way from W to T. ``base_copy``: T is PEFT's saved copy of a wrapped
+    layer's base weight, the weight every adapter's LoRA applies on (it goes first).
+    """
 
     T: TensorRef
-    weight: float = 1.0  # < 1 moves only part of the way from W to T
+    weight: float = 1.0
+    base_copy: bool = False
 
     def refs(self) -> list[TensorRef]:
         return [self.T]
+
+    @property
+    def overwrites(self) -> bool:
+        return self.weight == 1.0
+
+    @property
+    def goes_first(self) -> bool:
+        return self.base_copy
 
     def shape_error(self, shape: tuple[int, ...]) -> str | None:
         if tuple(self.T.shape) != tuple(shape):
             return f"the replacement has shape {self.T.shape} but the base tensor is {tuple(shape)}"
         return None
 
-    def apply(self, weight: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    def new_shape(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """A 2-D replacement with other rows but the same width resizes the vocabulary (saved whole by PEFT)."""
+        saved = tuple(self.T.shape)
+        if self.weight == 1.0 and len(saved) == 2 == len(shape) and saved[1] == shape[1] and saved != tuple(shape):
+            return saved
+        return None
+
+    def apply(self, block: Array, rows: slice, ops: BlockOps, base: Array | None = None) -> None:
+        value = ops.span(self.T, rows, block.shape[1])
         if self.weight == 1.0:
-            value = self.T.load(weight.device)
-            if value.shape != weight.shape:  # a resized vocabulary (plan.py): a copy, as later edits work in place
-                return value.clone()
-            return weight.copy_(value)
-        else:
-            weight.lerp_(self.T.load(weight.device), self.weight)
-        return weight
+            block[...] = value
+        else:  # block + w * (T - block)
+            value -= block
+            value *= np.float32(self.weight)
+            block += value
+
+    def scaled(self, strength: float) -> Edit:
+        return self if strength == 1.0 else replace(self, weight=self._times(self.weight, strength))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "replace", "weight": self.weight, "shape": list(self.T.shape)}
 
 
-@dataclass
+@dataclass(frozen=True)
 class RowReplace(Edit):
     """W[indices] = T (PEFT trainable tokens: the saved rows of an embedding replace the base's rows)."""
 
@@ -240,15 +467,25 @@ class RowReplace(Edit):
             return f"token indices {min(self.indices)}..{max(self.indices)} are outside the {shape[0]} rows"
         return None
 
-    def apply(self, weight: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        index = torch.tensor(self.indices, dtype=torch.long, device=weight.device)
-        rows = self.T.load(weight.device)
-        if self.weight != 1.0:
-            rows = weight.index_select(0, index).lerp_(rows, self.weight)
-        return weight.index_copy_(0, index, rows)
+    def apply(self, block: Array, rows: slice, ops: BlockOps, base: Array | None = None) -> None:
+        picked = [(k, i - rows.start) for k, i in enumerate(self.indices) if rows.start <= i < rows.stop]
+        if not picked:
+            return
+        saved = ops.cached(self, "rows", lambda: ops.load(self.T))
+        source, target = [k for k, _ in picked], [i for _, i in picked]
+        values = saved[source]
+        if self.weight != 1.0:  # block + w * (T - block), for those rows
+            values = block[target] + np.float32(self.weight) * (values - block[target])
+        block[target] = values
+
+    def scaled(self, strength: float) -> Edit:
+        return self if strength == 1.0 else replace(self, weight=self._times(self.weight, strength))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "tokens", "weight": self.weight, "shape": list(self.T.shape), "tokens": list(self.indices)}
 
 
-@dataclass
+@dataclass(frozen=True)
 class BiasDelta(Edit):
     """bias += scale * b (PEFT ``lora_bias``: the bias of lora_B)."""
 
@@ -263,33 +500,32 @@ class BiasDelta(Edit):
             return f"lora_B.bias has shape {self.b.shape} but the base bias is {tuple(shape)}"
         return None
 
-    def apply(self, weight: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        weight.add_(self.b.load(weight.device), alpha=self.scale)
-        return weight
+    def apply(self, block: Array, rows: slice, ops: BlockOps, base: Array | None = None) -> None:
+        bias = ops.span(self.b, rows, block.shape[1])
+        bias *= np.float32(self.scale)
+        block += bias
+
+    def scaled(self, strength: float) -> Edit:
+        return self if strength == 1.0 else replace(self, scale=self._times(self.scale, strength))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "bias", "scale": self.scale, "shape": list(self.b.shape)}
+
+    def no_effect(self, load: Callable[[TensorRef], np.ndarray] = TensorRef.load) -> bool:
+        return not load(self.b).any()
+
+    def delta_norm(self, load: Callable[[TensorRef], np.ndarray] = TensorRef.load) -> float | None:
+        return frobenius(load(self.b)) * abs(self.scale)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TargetedEdit:
-    """An edit and the tensor it targets, named as the adapter names it (before matching to the base)."""
+    """An edit and the tensor it targets, named as the adapter names it (before matching to the base).
+
+    ``rows`` = (start, stop) addresses part of the tensor (rows of a fused weight: ``to_q`` of a ``qkv``); the
+    edit's shape is then checked against those rows alone.
+    """
 
     target: str
     edit: Edit
-
-
-def with_strength(edit: Edit, strength: float) -> Edit:
-    """A copy of ``edit`` whose effect is scaled by ``strength`` (the per-adapter ``--weight``); the product must
-    stay finite (a huge alpha times a huge strength overflows)."""
-    if strength == 1.0:
-        return edit
-
-    def scaled(value: float) -> float:
-        what = f"{edit.adapter}: the scale of {edit.source_key!r} times the adapter's strength {strength:g}"
-        return finite_number(value * strength, what, "use a smaller strength or lora_alpha", AdapterError)
-
-    if isinstance(edit, (LoraDelta, BiasDelta)):
-        return replace(edit, scale=scaled(edit.scale))
-    if isinstance(edit, FullDiff):
-        return replace(edit, alpha=scaled(edit.alpha))
-    if isinstance(edit, (Replace, RowReplace)):
-        return replace(edit, weight=scaled(edit.weight))
-    raise TypeError(f"unknown edit kind {type(edit).__name__}")
+    rows: tuple[int, int] | None = None

@@ -1,9 +1,10 @@
 """``lorafuse inspect``: what an adapter or a model folder holds, read from headers and small tensors only.
 
 For an adapter (any format :func:`lorafuse.formats.read_adapter` reads): format, ranks, alphas, scalings,
-rsLoRA/DoRA, target modules, parameter count, the base model it names, and per module the Frobenius norm of its
-update ``||scale * B @ A||_F``, computed from the two r x r Gram matrices instead of the full product. For a
-model: architecture, dtypes, parameter count, shards, tied embeddings and quantization.
+rsLoRA/DoRA, target modules, parameter count, the base model it names, and per module what its edit describes
+itself as and the Frobenius norm of its update (``||scale * B @ A||_F`` from the two r x r Gram matrices instead
+of the full product: :meth:`lorafuse.edits.Edit.delta_norm`). For a model: architecture, dtypes, parameter count,
+shards, tied embeddings and quantization. numpy only: no torch unless a pickled adapter needs it.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
-from .dtypes import dtype_short_name
-from .edits import BiasDelta, DoraDelta, Edit, FullDiff, LoraDelta, Replace, RowReplace
+from .arrays import short_name as dtype_short_name
+from .edits import Edit, TensorRef
 from .errors import InputError, LorafuseError
 from .io.checkpoint import Checkpoint, open_model
 from .io.extra_files import read_json
@@ -52,63 +53,21 @@ BASE_METADATA_KEYS = (
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
 
 
-def lora_delta_norm(edit: LoraDelta, b: torch.Tensor | None = None) -> float:
-    """``||scale * B @ A||_F`` without forming B @ A: sqrt(sum((B^T B) * (A A^T))) * |scale|, in fp64.
-
-    ``b`` is lora_B when the caller has loaded it already.
-    """
-    b = (edit.B.load() if b is None else b).reshape(edit.B.shape[0], -1).double()
-    a = edit.A.load().reshape(edit.A.shape[0], -1).double()
-    # ||BA||_F^2 = trace(A^T B^T B A) = <B^T B, A A^T>; each Gram matrix is only r x r.
-    squared = float(((b.T @ b) * (a @ a.T)).sum())
-    return math.sqrt(max(squared, 0.0)) * abs(edit.scale)
-
-
-def _edit_kind(edit: Edit) -> str:
-    if isinstance(edit, DoraDelta):
-        return "dora"
-    if isinstance(edit, LoraDelta):
-        return "lora"
-    if isinstance(edit, FullDiff):
-        return "diff"
-    if isinstance(edit, Replace):
-        return "replace"
-    if isinstance(edit, BiasDelta):
-        return "bias"
-    if isinstance(edit, RowReplace):
-        return "tokens"
-    return type(edit).__name__
-
-
 def _edit_row(target: str, edit: Edit, rslora: bool) -> dict[str, Any]:
-    """One module's row: kind, rank, scale, alpha, update shape, ||update||_F and whether it changes nothing."""
-    row: dict[str, Any] = {"target": target, "kind": _edit_kind(edit), "source_key": edit.source_key}
-    if isinstance(edit, LoraDelta):
-        rank = edit.rank
-        b = edit.B.load()
-        row.update(
-            rank=rank,
-            scale=edit.scale,
-            alpha=edit.scale * (math.sqrt(rank) if rslora else rank),
-            shape=list(edit.delta_shape()),
-            norm=lora_delta_norm(edit, b) if b.any() else 0.0,
-        )
-        # DoRA still rescales rows through its magnitude vector even when lora_B is zero.
-        row["zero_effect"] = row["norm"] == 0.0 and not isinstance(edit, DoraDelta)
-    elif isinstance(edit, FullDiff):
-        d = edit.D.load()
-        row.update(shape=list(edit.D.shape), scale=edit.alpha, norm=float(d.double().norm()) * abs(edit.alpha))
-        row["zero_effect"] = row["norm"] == 0.0
-    elif isinstance(edit, BiasDelta):
-        b = edit.b.load()
-        row.update(shape=list(edit.b.shape), scale=edit.scale, norm=float(b.double().norm()) * abs(edit.scale))
-        row["zero_effect"] = row["norm"] == 0.0
-    elif isinstance(edit, Replace):
-        row.update(shape=list(edit.T.shape), norm=None, zero_effect=False)  # the change depends on the base
-    elif isinstance(edit, RowReplace):  # PEFT trainable tokens: these rows of the embedding are replaced
-        row.update(shape=list(edit.T.shape), tokens=list(edit.indices), norm=None, zero_effect=False)
-    else:
-        row.update(norm=None, zero_effect=False)
+    """One module's row: what the edit describes itself as (kind, rank, scale, shape...), LoRA's alpha,
+    ``||update||_F`` (None when the change depends on the base) and whether it changes nothing."""
+    loaded: dict[str, np.ndarray] = {}
+
+    def load(ref: TensorRef) -> np.ndarray:  # norm and zero check read the same factors: once
+        if ref.name not in loaded:
+            loaded[ref.name] = ref.load()
+        return loaded[ref.name]
+
+    row: dict[str, Any] = {"target": target, **edit.describe(), "source_key": edit.source_key}
+    if "rank" in row:  # a low-rank update: scale = alpha / r (rsLoRA: alpha / sqrt(r))
+        row["alpha"] = row["scale"] * (math.sqrt(row["rank"]) if rslora else row["rank"])
+    row["norm"] = edit.delta_norm(load)
+    row["zero_effect"] = edit.no_effect(load)
     return row
 
 
@@ -182,7 +141,7 @@ def inspect_adapter(path: str | Path, fmt: str | None = None, base: str | Path |
     base_model = (peft_config or {}).get("base_model_name_or_path") or next(
         (metadata[k] for k in BASE_METADATA_KEYS if metadata.get(k)), None
     )
-    lora_rows = [r for r in rows if r["kind"] in ("lora", "dora")]
+    lora_rows = [r for r in rows if "rank" in r]
     kinds = Counter(r["kind"] for r in rows)
     return {
         "kind": "adapter",

@@ -1,4 +1,4 @@
-"""How many threads merge LoRA-only tensors (the torch engine and the torch-free fast path alike)."""
+"""How many threads the merge kernel runs (engine/kernel.py)."""
 
 from __future__ import annotations
 
@@ -6,25 +6,16 @@ import os
 
 from .cpus import usable_cpus
 
-# Threads merging LoRA-only tensors side by side (torch ops release the GIL; each op runs on one thread): half the
-# usable CPUs (cpus.py: affinity and cgroup quota, not the host's count), up to 4, as the other half serves the
-# writer thread, the prefill and the kernel's page-cache copies (on 2 cores a second math thread cost 30% more CPU
-# time and was slower, bench/merge_bench.py --variants).
-# LORAFUSE_MATH_THREADS overrides.
-MATH_THREADS = max(1, min(4, usable_cpus() // 2))
+MAX_MATH_THREADS = 4
 
 
 def math_threads() -> int:
-    """How many threads merge LoRA-only tensors: LORAFUSE_MATH_THREADS, else half the cores, up to 4."""
-    value = os.environ.get("LORAFUSE_MATH_THREADS", "")
-    return max(1, int(value)) if value.isdigit() else MATH_THREADS
+    """Threads merging tensors side by side: LORAFUSE_MATH_THREADS, else every usable CPU, up to 4.
 
-
-def fast_path_threads() -> int:
-    """Threads of the torch-free fast path (fastpath.py): LORAFUSE_MATH_THREADS, else every core up to 4.
-
-    With no ``import torch`` beside it, a second thread on 2 cores was faster in every run of
-    ``bench/merge_bench.py --variants`` (e.g. 1.46x against 1.75x ``cp -r``), unlike in the torch engine.
+    numpy's loops and products release the GIL and each product runs on one BLAS thread, so the threads share the
+    cores (cpus.py: affinity and cgroup quota, not the host's count). Measured with the numpy kernel (then the
+    CLI's fast path) on 2 cores: a second thread was faster in every run of ``bench/merge_bench.py --variants``
+    (e.g. 1.46x against 1.75x ``cp -r``); beyond 4 the page-cache writes, not the math, set the pace.
     """
     value = os.environ.get("LORAFUSE_MATH_THREADS", "")
-    return max(1, int(value)) if value.isdigit() else max(1, min(4, usable_cpus()))
+    return max(1, int(value)) if value.isdigit() else max(1, min(MAX_MATH_THREADS, usable_cpus()))

@@ -1,49 +1,160 @@
-"""`lorafuse.merge()`: fold adapters into a base model, streaming, and write a complete model folder."""
+"""The one merge pipeline: sources -> formats -> plan -> kernel -> writer -> report.
+
+``lorafuse.merge()`` (the Python API), ``lorafuse merge`` (the CLI), ``merge-adapter`` and ``lora-merger`` all merge
+through here, so every decision is made once and the same inputs give the same bytes whichever of them ran:
+
+- **prefill** (io/prefill.py): for a local folder of safetensors merged into a folder with its dtypes kept, the
+  base's tensors are copied into the output in the background as soon as the output is checked, while the
+  adapters are read and the plan is built; the kernel then writes only what changed, over pages that exist
+  (5-10x cheaper than fresh ones). A plan whose layout differs from the guess stops and removes the copy first.
+- **kernel** (engine/kernel.py): numpy, row blocks, one rounding; ``--device cuda`` merges touched tensors with
+  the torch kernel (engine/cuda.py), the same plan and edits.
+- **writers** (writers/, registered by name): sharded safetensors with an index, one file, or ``.bin`` (the torch
+  extra); the writer lays out the files, the kernel only hands it each tensor's bytes.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
-from .dtypes import dtype_short_name, parse_dtype
-from .engine import check_device, one_math_thread, write_bin, write_safetensors
+from .arrays import code_of, parse_dtype, short_name
+from .engine import kernel
 from .errors import LorafuseError
 from .formats import read_adapter
-from .io.checkpoint import open_model
-from .io.extra_files import TOKENIZER_FILES, copy_extra_files, copy_tokenizer, read_json, update_config
+from .io import prefill as prefill_io
+from .io.checkpoint import Checkpoint, open_model
+from .io.extra_files import TOKENIZER_FILES, read_json
+from .io.layout import Slot, parse_size
 from .io.output import AtomicOutput, OutputState, check_output
 from .io.prefill import Prefill
-from .io.writer import parse_size, write_index
 from .peft_flags import strengths
-from .plan import AdapterInput, MergePlan, build_plan
-from .report import PROVENANCE_NAME, MergeReport, sha256_file
+from .plan import AdapterInput, MergePlan, build_plan, nonfinite_warning
+from .report import MergeReport, sha256_file
 from .sources import resolve_merge_inputs
-
-if TYPE_CHECKING:
-    import torch
+from .torch_bridge import check_device
+from .writers import get_writer
+from .writers.folder import finish_folder
+from .writers.provenance import provenance_metadata
 
 log = logging.getLogger("lorafuse")
 
 
-def _planned_files(plan: MergePlan, prefix: str, max_shard: int, out_format: str) -> list[str]:
-    from .io.writer import Slot, layout_shards, shard_names
+@dataclass
+class WrittenModel:
+    """What the kernel wrote: the files (shards, then their index), per-tensor slots and the untouched tensors
+    holding NaN/Inf."""
 
-    slots = [Slot(t.name, t.dtype, t.shape, t.nbytes) for t in plan.tensors]
-    count = len(layout_shards(slots, max_shard))
-    if out_format == "bin":
-        prefix = "pytorch_model" if prefix == "model" else prefix
-    suffix = ".bin" if out_format == "bin" else ".safetensors"
-    # the same list a real run reports: shards, then their index when there are several
-    return shard_names(prefix, count, suffix) + ([f"{prefix}{suffix}.index.json"] if count > 1 else [])
+    files: list[str]
+    slots: dict[str, Slot]
+    bytes_written: int
+    nonfinite: list[str]
 
 
-@one_math_thread()  # plan checks and math are many small ops (see engine.one_math_thread)
+def output_slots(plan: MergePlan) -> list[Slot]:
+    return [Slot(t.name, code_of(t.dtype), t.shape, t.nbytes) for t in plan.tensors]
+
+
+def start_prefill(
+    base: Path, output: Path, max_shard_size: str | int, overwrite: bool, inputs: Sequence[Path], dtype: Any, fmt: str
+) -> Prefill | None:
+    """The prefill, where it can apply: a local base folder, a folder output of a format that can adopt it
+    (safetensors), dtypes kept.
+
+    ``LORAFUSE_PREFILL=0`` turns it off. None when it does not apply (io/prefill.speculate says why not).
+    """
+    if os.environ.get("LORAFUSE_PREFILL", "1") == "0" or not get_writer(fmt).uses_prefill or dtype is not None:
+        return None
+    if not base.is_dir():
+        return None
+    return prefill_io.speculate(base, output, max_shard_size, overwrite, list(inputs))
+
+
+def write_model(
+    plan: MergePlan,
+    folder: Path,
+    prefix: str,
+    max_shard_size: int,
+    out_format: str = "safetensors",
+    device: str = "cpu",
+    progress: Callable[[int], None] | None = None,
+    single_file: Path | None = None,
+    prefill: Prefill | None = None,
+    metadata: dict[str, str] | None = None,
+) -> WrittenModel:
+    """Stream the plan through the kernel into the ``out_format`` writer's files in ``folder`` (or one file at
+    ``single_file``), index included.
+
+    ``prefill``: an early copy of the base into ``folder``; used when its layout is this plan's, else stopped and its
+    files removed first (the caller discards it afterwards either way). ``metadata``: strings stored in each
+    file by formats that hold them (safetensors).
+    """
+    check_device(device)
+    writer = get_writer(out_format)
+    writer.check_available()
+    slots = output_slots(plan)
+    if single_file is not None:
+        folder = single_file.parent
+    layout = writer.layout(slots, prefix, max_shard_size, single_file.name if single_file is not None else None)
+    if prefill is not None:
+        headers = writer.prefill_headers(layout) if single_file is None and metadata is None else None
+        if headers is None or prefill.tmp != folder or not prefill.matches(layout.names, headers):
+            prefill.cancel()
+            prefill = None
+        else:
+            prefill.skip({t.name for t in plan.tensors if not kernel.copied(t, plan)})
+    sink = writer.open(folder, layout, metadata, prefill)
+    try:
+        nonfinite = kernel.run(plan, sink, {s.name: s for s in slots}, progress, device)
+        if prefill is not None:
+            prefill.finish()  # its failure (disk full) is this merge's
+    except BaseException:
+        if prefill is not None:
+            prefill.cancel()
+        raise
+    finally:
+        sink.close()
+    writer.finish(folder, layout)
+    return WrittenModel(layout.files, {s.name: s for s in slots}, sum(s.nbytes for s in slots), nonfinite)
+
+
+def plan_merge(
+    checkpoint: Checkpoint,
+    inputs: list[AdapterInput],
+    dtype: np.dtype | None,
+    base_config: dict[str, Any] | None,
+    allow_unmatched: bool = False,
+) -> MergePlan:
+    """The merge plan, its warnings logged."""
+    plan = build_plan(checkpoint, inputs, dtype, base_config, allow_unmatched=allow_unmatched)
+    for warning in plan.warnings:
+        log.warning(warning)
+    return plan
+
+
+def report_nonfinite(found: list[str], warnings: list[str]) -> None:
+    """Log and record the warning for untouched base tensors that hold NaN or Inf."""
+    warning = nonfinite_warning(found)
+    if warning is not None:
+        log.warning(warning)
+        warnings.append(warning)
+
+
+def close_adapters(inputs: list[AdapterInput]) -> None:
+    for inp in inputs:
+        for targeted in inp.edits:
+            for ref in targeted.edit.refs():
+                ref.checkpoint.close()
+
+
 def merge(
     base: str | Path | None,
     adapters: Sequence[str | Path],
@@ -65,7 +176,6 @@ def merge(
     base_revision: str | None = None,
     work_dir: str | Path | None = None,
     default_hub: str = "hf",
-    prefill: Prefill | None = None,
     allow_unmatched: bool = False,
 ) -> MergeReport:
     """Merge ``adapters`` (in order, each scaled by its weight) into ``base`` and write the result to ``output``.
@@ -79,8 +189,7 @@ def merge(
     ``adapter_config.json``. ``adapter_ref``/``adapter_subfolder``/``adapter_config``, ``cache_dir``,
     ``base_revision`` and ``work_dir`` are described in :func:`lorafuse.sources.resolve_merge_inputs`.
     ``allow_unmatched`` skips (with a warning) adapter tensors whose target the base does not have.
-    ``prefill`` is the CLI's early copy of the base into the output (:func:`lorafuse.io.prefill.speculate`); the
-    caller discards it afterwards.
+    ``out_format="bin"`` and ``device="cuda"`` need the torch extra.
     """
     started = time.perf_counter()
     adapter_paths = list(adapters)  # local paths once the sources are resolved below
@@ -89,8 +198,7 @@ def merge(
     weights = list(weights) if weights is not None else [1.0] * len(adapter_paths)
     if len(weights) != len(adapter_paths):
         raise LorafuseError(f"{len(weights)} weights for {len(adapter_paths)} adapters: give one --weight per adapter")
-    if out_format not in ("safetensors", "bin"):
-        raise LorafuseError(f"unknown output format {out_format!r}: use safetensors or bin")
+    get_writer(out_format).check_available()  # an unknown format, or one that needs torch where it is missing
     weights = strengths(weights, "--weight")
     check_device(device)
     out_dtype = parse_dtype(dtype)
@@ -112,22 +220,23 @@ def merge(
         default_hub=default_hub,
     )
     base_path, adapter_paths = sources.base, sources.adapters
-    # Again with the local paths the sources resolved to: what the final rename may replace is recorded here.
-    checked = None if dry_run else check_output(output_path, overwrite, [base_path, *adapter_paths])
-
-    checkpoint, prefix, _index = open_model(base_path)
-    base_folder = base_path if base_path.is_dir() else None
-    base_config = read_json(base_folder / "config.json") if base_folder else None
+    prefill = None
     inputs: list[AdapterInput] = []
+    checkpoint = None
     try:
+        # Again with the local paths the sources resolved to: what the final rename may replace is recorded here.
+        checked = None if dry_run else check_output(output_path, overwrite, [base_path, *adapter_paths])
+        if not dry_run:
+            prefill = start_prefill(base_path, output_path, max_shard, overwrite, adapter_paths, out_dtype, out_format)
+        checkpoint, prefix, _index = open_model(base_path)
+        base_folder = base_path if base_path.is_dir() else None
+        base_config = read_json(base_folder / "config.json") if base_folder else None
         base_shapes = {name: info.shape for name, info in checkpoint.infos.items()}
         for path, weight, label in zip(adapter_paths, weights, sources.labels):
             inputs.append(
                 read_adapter(path, label=label, fmt=adapter_format, weight=float(weight), base_shapes=base_shapes)
             )
-        plan = build_plan(checkpoint, inputs, out_dtype, base_config, allow_unmatched=allow_unmatched)
-        for warning in plan.warnings:
-            log.warning(warning)
+        plan = plan_merge(checkpoint, inputs, out_dtype, base_config, allow_unmatched)
         single_file = base_folder is None and output_path.suffix == ".safetensors"
         report = MergeReport(
             base=str(base_path),
@@ -136,25 +245,31 @@ def merge(
                 for a, w, inp in zip(adapter_paths, weights, inputs)
             ],
             output=str(output_path),
-            dtype=dtype_short_name(out_dtype) if out_dtype else "auto",
+            dtype=short_name(out_dtype) if out_dtype is not None else "auto",
             format=out_format,
             tensors_total=len(plan.tensors),
             tensors_touched=len(plan.touched),
             total_bytes=plan.total_bytes,
-            files=[output_path.name] if single_file else _planned_files(plan, prefix, max_shard, out_format),
+            files=[output_path.name]
+            if single_file
+            else get_writer(out_format).layout(output_slots(plan), prefix, max_shard).files,
             warnings=list(plan.warnings),
             config_updates=dict(plan.config_updates),
             dry_run=dry_run,
             sources=sources.provenance,
+            engine="cuda" if device.startswith("cuda") else "numpy",
         )
         tokenizer = _resizing_tokenizer(plan, dict(zip(sources.labels, adapter_paths)), report)
         if dry_run:
+            report_nonfinite(kernel.find_nonfinite(plan), report.warnings)
             report.seconds = time.perf_counter() - started
             return report
+        assert checked is not None
         _write(
             plan,
             report,
             base_folder,
+            checkpoint.metadata,
             checkpoint.files,
             prefix,
             output_path,
@@ -166,15 +281,15 @@ def merge(
             show_progress,
             prefill,
             tokenizer,
-            checked,
+            prefill.checked if prefill is not None else checked,
         )
     finally:
+        if prefill is not None:
+            prefill.discard()  # removes its folder unless the merge turned it into the output
         sources.cleanup()
-        checkpoint.close()
-        for inp in inputs:
-            for edit in inp.edits:
-                for ref in edit.edit.refs():
-                    ref.checkpoint.close()
+        if checkpoint is not None:
+            checkpoint.close()
+        close_adapters(inputs)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -203,20 +318,22 @@ def _write(
     plan: MergePlan,
     report: MergeReport,
     base_folder: Path | None,
+    base_metadata: dict[str, str],
     weight_files: list[Path],
     prefix: str,
     output_path: Path,
     max_shard: int,
     out_format: str,
     device: str,
-    out_dtype: torch.dtype | None,
+    out_dtype: np.dtype | None,
     single_file: bool,
     show_progress: bool | None,
-    prefill: Prefill | None = None,
-    tokenizer: Path | None = None,
-    checked: OutputState | None = None,
+    prefill: Prefill | None,
+    tokenizer: Path | None,
+    checked: OutputState,
 ) -> None:
-    """Write the merged model atomically: weights, index, the base's other files, config updates, provenance.
+    """Write the merged model atomically: weights and index, then (a folder) the base's other files, config
+    updates and provenance, or (one safetensors file) the base file's metadata and the provenance key.
 
     ``tokenizer``: a folder whose tokenizer files replace the base's (the adapter that resized the vocabulary).
     ``checked``: what :func:`check_output` found at the output (the only thing the final rename may replace).
@@ -227,34 +344,27 @@ def _write(
     try:
         if single_file:
             with AtomicOutput(output_path, is_dir=False, checked=checked) as out:
-                write_safetensors(plan, out.tmp.parent, prefix, max_shard, device, bar.update, single_file=out.tmp)
+                metadata = provenance_metadata(base_metadata, report)
+                written = write_model(
+                    plan,
+                    out.tmp.parent,
+                    prefix,
+                    max_shard,
+                    device=device,
+                    progress=bar.update,
+                    single_file=out.tmp,
+                    metadata=metadata,
+                )
+                report_nonfinite(written.nonfinite, report.warnings)
                 out.commit()
             return
-        if prefill is not None and out_format != "safetensors":
-            prefill.cancel()
-            prefill = None
         with AtomicOutput(output_path, adopt=prefill is not None, checked=checked) as out:
-            if out_format == "bin":
-                written = write_bin(plan, out.tmp, prefix, max_shard, device, bar.update)
-            else:
-                written = write_safetensors(plan, out.tmp, prefix, max_shard, device, bar.update, prefill=prefill)
-            if written.index_name:
-                write_index(out.tmp / written.index_name, list(written.slots.values()), written.files)
-            report.files = written.files + ([written.index_name] if written.index_name else [])
-            if base_folder is not None:
-                report.copied_files = copy_extra_files(
-                    base_folder, out.tmp, weight_files, {PROVENANCE_NAME}, warnings=report.warnings
-                )
-                if tokenizer is not None:
-                    names = copy_tokenizer(tokenizer, out.tmp)
-                    report.copied_files = sorted(set(report.copied_files) | set(names))
-                updates = dict(plan.config_updates)
-                if out_dtype is not None:
-                    # transformers 5 writes "dtype", older versions "torch_dtype".
-                    key = "dtype" if "dtype" in (read_json(out.tmp / "config.json") or {}) else "torch_dtype"
-                    updates[key] = dtype_short_name(out_dtype)
-                update_config(out.tmp / "config.json", updates)
-            (out.tmp / PROVENANCE_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            if prefill is not None and prefill.tmp != out.tmp:
+                raise OSError(f"the prefilled folder {prefill.tmp} is not the output's temporary folder {out.tmp}")
+            written = write_model(plan, out.tmp, prefix, max_shard, out_format, device, bar.update, prefill=prefill)
+            report_nonfinite(written.nonfinite, report.warnings)
+            report.files = written.files
+            finish_folder(out.tmp, report, base_folder, weight_files, plan.config_updates, out_dtype, tokenizer)
             out.commit()
     finally:
         bar.close()

@@ -1,7 +1,7 @@
 """adapter_config.json read and checked, PEFT's LoRA scaling, and the one check of every strength and scale.
 
-No torch here: the torch path (formats/peft.py) and the CLI's torch-free fast path (fastpath.py) read configs with
-the same :func:`load_config`, so both give the same verdict on every config. Every number that scales a merge
+No torch here: formats/peft.py and ``ADAPTER_CONFIG_JSON`` (sources/adapter_config.py) read configs with the same
+:func:`load_config`, so both give the same verdict on every config. Every number that scales a merge
 (``lora_alpha``, ``r``, ``rank_pattern``/``alpha_pattern`` values, ``--weight``, ``--alpha``, ``--weights``, the
 computed scales) goes through :func:`finite_number` or :func:`positive_int`: NaN, Inf, booleans and strings are
 refused with one line naming the key or flag, the value and the fix.

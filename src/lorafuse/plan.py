@@ -1,35 +1,31 @@
 """The merge plan: for every output tensor, its source tensor, output dtype and ordered edits.
 
-Built and validated before one byte is written: every edit must land on an existing base tensor of a
-compatible shape, adapter tensors must be finite, and what has no effect is reported.
+Built and validated before one byte is written: every edit must land on an existing base tensor (or a range of
+its rows) of a compatible shape, adapter tensors must be finite, and what has no effect is reported. The kernels
+(engine/) apply a plan; nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
+from .arrays import is_float, nbytes_of
 from .conv1d import is_conv1d_weight
-from .cpus import usable_cpus
-from .dtypes import is_float
-from .edits import DoraDelta, Edit, LoraDelta, Replace, TargetedEdit, require_finite, with_strength
+from .edits import Edit, TargetedEdit, TensorRef, require_finite
 from .errors import AdapterError, ShapeMismatchError
-from .io.byte_view import byte_view
 from .io.checkpoint import Checkpoint
-from .io.safetensors_file import pread_into
-from .keymatch import KeyMatcher
+from .names import layout_of
 from .peft_flags import finite_number
-from .quantized import BasePreparation, prepare_base
+from .quantized import BasePreparation, Fp8Dequant, prepare_base
 from .targets import EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING, unmatched_targets
 
 log = logging.getLogger("lorafuse")
+NONFINITE_NAMES_SHOWN = 3
 
 
 @dataclass
@@ -46,31 +42,41 @@ class AdapterInput:
     fmt: str = "peft"
 
 
+@dataclass(frozen=True)
+class PlacedEdit:
+    """An edit on an output tensor: all of it, or rows ``rows`` = (start, stop)."""
+
+    edit: Edit
+    rows: tuple[int, int] | None = None
+
+
 @dataclass
 class OutputTensor:
     """One tensor of the merged model."""
 
     name: str
     source: str
-    dtype: torch.dtype
+    dtype: np.dtype
     shape: tuple[int, ...]
-    edits: list[Edit] = field(default_factory=list)
-    dequant: Any = None  # (checkpoint, stored tensor) -> fp32 tensor, for quantized bases (see quantized.py)
+    edits: list[PlacedEdit] = field(default_factory=list)
+    dequant: Fp8Dequant | None = None  # stored tensor -> fp32, for quantized bases (see quantized.py)
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return nbytes_of(self.dtype, self.shape)
 
 
 @dataclass
 class MergePlan:
-    """Everything the engine needs, plus what validation found."""
+    """Everything a kernel needs, plus what validation found."""
 
     base: Checkpoint
     tensors: list[OutputTensor]
     warnings: list[str] = field(default_factory=list)
     config_updates: dict[str, Any] = field(default_factory=dict)
     resized_by: list[str] = field(default_factory=list)  # adapters that resize the vocabulary (their tokenizer)
+    # Untouched float base tensors to check for NaN/Inf (a warning): the kernel reads them beside the merge.
+    scan: list[str] = field(default_factory=list)
 
     @property
     def touched(self) -> list[OutputTensor]:
@@ -79,6 +85,17 @@ class MergePlan:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+
+def nonfinite_warning(found: list[str]) -> str | None:
+    """The warning for base tensors no adapter touches that hold NaN or Inf (they are copied as they are)."""
+    if not found:
+        return None
+    shown = ", ".join(found[:NONFINITE_NAMES_SHOWN]) + (", ..." if len(found) > NONFINITE_NAMES_SHOWN else "")
+    return (
+        f"{len(found)} base tensor(s) that no adapter changes hold NaN or Inf and are copied as they are: {shown}; "
+        "the base model itself is broken there"
+    )
 
 
 def _tied(base_config: dict[str, Any] | None) -> bool:
@@ -109,39 +126,17 @@ def _embedding_key(base: Checkpoint, shape: tuple[int, ...] | None = None) -> st
     return found[0] if len(found) == 1 else None
 
 
-def _flipped(edit: LoraDelta) -> LoraDelta:
-    """The same LoRA read in the other orientation (Linear <-> GPT-2 Conv1D)."""
-    other = replace(edit, layout="transposed" if edit.layout == "linear" else "linear")
-    if isinstance(other, DoraDelta):
-        other.output_dim = 1 - other.output_dim
-    return other
-
-
-def _fix_layout(edit: Edit, shape: tuple[int, ...], conv1d: bool | None) -> Edit:
-    """Orient a LoRA as PEFT does: by the layer's class, whatever the adapter config's ``fan_in_fan_out`` says.
-
-    ``conv1d`` (conv1d.py) says whether the base weight is a GPT-2 Conv1D layer's, or None when the base's config
-    cannot tell: then only a shape that fits the other orientation alone (not a square one) flips it.
-    """
-    if not isinstance(edit, LoraDelta) or edit.layout not in ("linear", "transposed"):
-        return edit
-    if "lora_embedding" in edit.source_key:  # embeddings are always transposed
-        return edit
-    if conv1d is not None:
-        wanted = "transposed" if conv1d else "linear"
-        other = _flipped(edit) if edit.layout != wanted else edit
-        return other if other.shape_error(shape) is None else edit
-    if edit.shape_error(shape):
-        other = _flipped(edit)
-        if other.shape_error(shape) is None and len(set(shape)) == len(shape):
-            return other
-    return edit
+def _rows_error(rows: tuple[int, int], shape: tuple[int, ...]) -> str | None:
+    start, stop = rows
+    if not shape or not 0 <= start < stop <= shape[0]:
+        return f"rows {start}:{stop} are not rows of a tensor of shape {tuple(shape)}"
+    return None
 
 
 def build_plan(
     base: Checkpoint,
     adapters: list[AdapterInput],
-    dtype: torch.dtype | None = None,
+    dtype: np.dtype | None = None,
     base_config: dict[str, Any] | None = None,
     check_values: bool = True,
     allow_unmatched: bool = False,
@@ -149,10 +144,11 @@ def build_plan(
     """Map every adapter edit onto the base, validate, and lay out the output tensors in base order.
 
     ``allow_unmatched``: adapter tensors whose target the base does not have (a kohya file's text-encoder LoRAs
-    merged into a UNet) are skipped with a warning instead of refused.
+    merged into a UNet) are skipped with a warning instead of refused. ``check_values``: read every adapter tensor
+    (NaN/Inf is an error, an update of zeros a warning) and list the untouched float base tensors in ``scan``.
     """
-    matcher = KeyMatcher(base.keys())
-    per_key: dict[str, list[Edit]] = {}
+    matcher = layout_of(base.keys(), base_config)  # the name maps of the base's layout
+    per_key: dict[str, list[PlacedEdit]] = {}
     extra: dict[str, str] = {}  # new output tensor (an untied head) -> its source base tensor
     warnings: list[str] = []
     config_updates: dict[str, Any] = {}
@@ -190,20 +186,25 @@ def build_plan(
                     "such tensors)"
                 )
             source = extra.get(key, key)
-            shape = base.infos[source].shape
-            edit = _fix_layout(targeted.edit, shape, is_conv1d_weight(base_config, source))
+            shape = tuple(base.infos[source].shape)
+            if targeted.rows is not None:
+                err = _rows_error(targeted.rows, shape)
+                if err:
+                    raise _does_not_fit(adapter.label, targeted.edit, key, err)
+                shape = (targeted.rows[1] - targeted.rows[0], *shape[1:])
+            edit = targeted.edit.oriented(shape, is_conv1d_weight(base_config, source))
             err = edit.shape_error(shape)
-            if err and _is_vocab_tensor(key):
+            if err and targeted.rows is None and _is_vocab_tensor(key):
                 deferred.add(key)  # checked below, in merge order: a resized vocabulary changes the shape
                 err = None
             if err:
                 raise _does_not_fit(adapter.label, edit, key, err)
             if not is_float(base.infos[source].dtype) and source not in prep.dequant:
                 raise AdapterError(
-                    f"{adapter.label}: base tensor {key!r} is {base.infos[source].dtype} (quantized or integer); "
+                    f"{adapter.label}: base tensor {key!r} is {base.infos[source].code} (quantized or integer); "
                     "merge into the unquantized base model instead, then quantize the merged model"
                 )
-            per_key.setdefault(key, []).append(with_strength(edit, adapter.weight))
+            per_key.setdefault(key, []).append(PlacedEdit(edit.scaled(adapter.weight), targeted.rows))
         warnings.extend(_unmatched_targets(adapter))
         if skipped:
             if len(skipped) == len(adapter.edits):
@@ -219,7 +220,7 @@ def build_plan(
     # PEFT saves a copy of a LoRA-wrapped embedding's base layer with each adapter; that copy is the weight every
     # adapter's LoRA applies on, so it goes first, or a later adapter's copy would wipe an earlier one's update.
     for key, edits in per_key.items():
-        per_key[key] = sorted(edits, key=lambda e: not (isinstance(e, Replace) and ".base_layer." in e.source_key))
+        per_key[key] = sorted(edits, key=lambda placed: not placed.edit.goes_first)
     resized: dict[str, tuple[int, ...]] = {}  # embedding/head -> its new shape (a resized vocabulary)
     for key in deferred:
         before = tuple(base.infos[extra.get(key, key)].shape)
@@ -255,7 +256,6 @@ def build_plan(
 
     if check_values:
         warnings.extend(_check_values(adapters))
-        warnings.extend(_nonfinite_base(base, set(per_key) | set(extra.values()), prep))
 
     tensors: list[OutputTensor] = []
     for name, info in base.infos.items():
@@ -268,30 +268,41 @@ def build_plan(
                 shape = resized.get(new, info.shape)
                 tensors.append(_output(new, source, info.dtype, shape, per_key.get(new, []), dtype, prep))
     _check_vocab_agrees(tensors, resized)
-    return MergePlan(base, tensors, warnings, config_updates, resized_by=_resizers(per_key, resized))
+    scan = []
+    if check_values:
+        sources = {t.source for t in tensors if t.edits}
+        scan = [
+            name
+            for name, info in base.infos.items()
+            if name not in sources and name not in prep.dropped and name not in prep.dequant and is_float(info.dtype)
+        ]
+    return MergePlan(base, tensors, warnings, config_updates, resized_by=_resizers(per_key, resized), scan=scan)
 
 
 def _output(
     name: str,
     source: str,
-    src_dtype: torch.dtype,
+    src_dtype: np.dtype,
     shape: tuple[int, ...],
-    edits: list[Edit],
-    dtype: torch.dtype | None,
+    edits: list[PlacedEdit],
+    dtype: np.dtype | None,
     prep: BasePreparation | None = None,
 ) -> OutputTensor:
+    # Whatever an edit that sets the whole tensor overwrites, never needs computing (and may have had other rows).
+    last = max((i for i, p in enumerate(edits) if p.rows is None and p.edit.overwrites), default=0)
+    edits = list(edits[last:])
     out_dtype = dtype if (dtype is not None and is_float(src_dtype)) else src_dtype
     if prep is not None and source in prep.dequant:
         deq_dtype = prep.output_dtype(source, dtype)
-        return OutputTensor(name, source, deq_dtype, tuple(shape), list(edits), prep.dequant[source])
-    return OutputTensor(name, source, out_dtype, tuple(shape), list(edits))
+        return OutputTensor(name, source, deq_dtype, tuple(shape), edits, prep.dequant[source])
+    return OutputTensor(name, source, out_dtype, tuple(shape), edits)
 
 
 def _is_vocab_tensor(key: str) -> bool:
     return key.endswith(EMBEDDING_SUFFIXES) or key.endswith(OUTPUT_EMBEDDING)
 
 
-def _shape_after(key: str, shape: tuple[int, ...], edits: list[Edit]) -> tuple[int, ...]:
+def _shape_after(key: str, shape: tuple[int, ...], edits: list[PlacedEdit]) -> tuple[int, ...]:
     """The shape of an embedding or head after its edits, in order.
 
     A tokenizer with added tokens gives the trained model more vocabulary rows than the base: PEFT then saves the
@@ -299,14 +310,14 @@ def _shape_after(key: str, shape: tuple[int, ...], edits: list[Edit]) -> tuple[i
     has the new shape. Any other mismatch is the usual wrong-base error.
     """
     current = tuple(shape)
-    for edit in edits:
-        if isinstance(edit, Replace) and edit.weight == 1.0 and len(edit.T.shape) == 2 == len(current):
-            if edit.T.shape[1] == current[1]:
-                current = tuple(edit.T.shape)
-                continue
-        err = edit.shape_error(current)
+    for placed in edits:
+        new = placed.edit.new_shape(current)
+        if new is not None:
+            current = new
+            continue
+        err = placed.edit.shape_error(current)
         if err:
-            raise _does_not_fit(edit.adapter, edit, key, err)
+            raise _does_not_fit(placed.edit.adapter, placed.edit, key, err)
     return current
 
 
@@ -342,9 +353,9 @@ def _check_vocab_agrees(tensors: list[OutputTensor], resized: dict[str, tuple[in
             )
 
 
-def _resizers(per_key: dict[str, list[Edit]], resized: dict[str, tuple[int, ...]]) -> list[str]:
+def _resizers(per_key: dict[str, list[PlacedEdit]], resized: dict[str, tuple[int, ...]]) -> list[str]:
     """Labels of the adapters whose replacements set the new vocabulary (their tokenizer goes with it)."""
-    labels = [e.adapter for key in resized for e in per_key[key] if isinstance(e, Replace)]
+    labels = [p.edit.adapter for key in resized for p in per_key[key] if p.edit.overwrites]
     return list(dict.fromkeys(labels))
 
 
@@ -353,97 +364,21 @@ def _unmatched_targets(adapter: AdapterInput) -> list[str]:
 
 
 def _check_values(adapters: list[AdapterInput]) -> list[str]:
-    """NaN/Inf is an error; lora_B all zeros (no effect) is a warning."""
+    """NaN/Inf in an adapter tensor is an error; updates that change nothing (lora_B all zeros) are a warning."""
     warnings: list[str] = []
     for adapter in adapters:
-        zero_modules = 0
-        lora_count = 0
+        idle: list[str] = []
         for targeted in adapter.edits:
             edit = targeted.edit
-            plain_lora = isinstance(edit, LoraDelta) and not isinstance(edit, DoraDelta)
-            for ref in edit.refs():
-                tensor = require_finite(ref, ref.load())
-                # Judge lora_B from the tensor already read, rather than reading it a second time.
-                if plain_lora and ref is edit.B and not tensor.any():
-                    zero_modules += 1
-            lora_count += plain_lora
-        if lora_count and zero_modules == lora_count:
-            warnings.append(f"{adapter.label}: every lora_B is all zeros, so the adapter changes nothing")
-        elif zero_modules:
+            # Each tensor read once: checked here, and judged for no effect from the same values.
+            loaded: dict[TensorRef, np.ndarray] = {ref: require_finite(ref, ref.load()) for ref in edit.refs()}
+            if edit.no_effect(loaded.__getitem__):
+                idle.append(edit.source_key or targeted.target)
+        if idle and len(idle) == len(adapter.edits):
+            warnings.append(f"{adapter.label}: every update is all zeros (lora_B), so the adapter changes nothing")
+        elif idle:
             warnings.append(
-                f"{adapter.label}: {zero_modules} of {lora_count} modules have lora_B all zeros (no effect)"
+                f"{adapter.label}: {len(idle)} of {len(adapter.edits)} updates are all zeros and have no effect "
+                f"(e.g. {idle[0]!r})"
             )
     return warnings
-
-
-# Float bit patterns as integers: with the sign bit masked off, a value is NaN or Inf when its integer is at least
-# the all-ones exponent. One in-place AND and one max per chunk (about 7 GB/s per core on cached pages), where
-# torch.isfinite would allocate a bool tensor per chunk.
-_NONFINITE_BITS = {
-    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
-    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
-    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000),
-    torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
-}
-SCAN_CHUNK = 1 << 20  # bytes per read: stays in the CPU cache between the read, the AND and the max
-NONFINITE_NAMES_SHOWN = 3
-SCAN_THREADS = 4
-
-
-def _holds_nonfinite(base: Checkpoint, name: str) -> bool:
-    """Whether base tensor ``name`` holds NaN or Inf, read in chunks (safetensors) or whole (pickles)."""
-    info = base.infos[name]
-    if info.offset < 0:  # a pickled checkpoint: loaded anyway
-        tensor = base.get(name)
-        return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
-    buffer = getattr(_scan_local, "buffer", None)
-    if buffer is None:
-        buffer = _scan_local.buffer = torch.empty(SCAN_CHUNK, dtype=torch.uint8)
-    int_dtype, mask, limit = _NONFINITE_BITS[info.dtype]
-    fd = base.fd(info.path)
-    for start in range(0, info.nbytes, SCAN_CHUNK):
-        size = min(SCAN_CHUNK, info.nbytes - start)
-        chunk = buffer[:size]
-        pread_into(fd, byte_view(chunk), info.offset + start, info.path)
-        bits = chunk.view(int_dtype).bitwise_and_(mask)
-        if bits.max().item() >= limit:
-            return True
-    return False
-
-
-_scan_local = threading.local()  # one chunk buffer per scanning thread
-
-
-def _nonfinite_base(base: Checkpoint, touched: set[str], prep: BasePreparation) -> list[str]:
-    """A warning naming the base tensors no adapter touches that hold NaN or Inf (they are copied as they are;
-    touched ones fail the merged-value check instead).
-
-    This reads every untouched float tensor once, which the merge itself never does (the engine copies them with
-    the kernel), on every core up to 4 (torch ops and preadv release the GIL): about 0.1-0.2 s per GiB of cached
-    pages, overlapping the CLI's background prefill copy of the same pages.
-    """
-    names = [
-        name
-        for name, info in base.infos.items()
-        if name not in touched
-        and name not in prep.dropped
-        and name not in prep.dequant
-        and (info.dtype in _NONFINITE_BITS or info.offset < 0)
-        and info.nbytes
-    ]
-    threads = max(1, min(SCAN_THREADS, usable_cpus(), len(names)))
-    if threads > 1 and all(base.infos[n].offset >= 0 for n in names):
-        for path in {base.infos[n].path for n in names}:
-            base.fd(path)  # opened here: Checkpoint.fd is not meant to race
-        with ThreadPoolExecutor(threads, "lorafuse-scan") as pool:
-            verdicts = list(pool.map(lambda n: _holds_nonfinite(base, n), names))
-    else:
-        verdicts = [_holds_nonfinite(base, n) for n in names]
-    found = [name for name, bad in zip(names, verdicts) if bad]
-    if not found:
-        return []
-    shown = ", ".join(found[:NONFINITE_NAMES_SHOWN]) + (", ..." if len(found) > NONFINITE_NAMES_SHOWN else "")
-    return [
-        f"{len(found)} base tensor(s) that no adapter changes hold NaN or Inf and are copied as they are: {shown}; "
-        "the base model itself is broken there"
-    ]

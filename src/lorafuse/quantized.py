@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
+from .arrays import BF16, decode_f32
 from .errors import LorafuseError
 
 log = logging.getLogger("lorafuse")
@@ -24,9 +25,9 @@ log = logging.getLogger("lorafuse")
 SCALE_SUFFIX = "_scale_inv"  # "x.weight" is scaled by "x.weight_scale_inv" (multiplied, despite the name)
 # Static activation scales of an fp8 model mean nothing once its weights are dequantized.
 ACTIVATION_SCALE_SUFFIXES = (".input_scale", ".activation_scale")
-DEFAULT_DEQUANT_DTYPE = torch.bfloat16
-FP8_WEIGHT_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
-SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEFAULT_DEQUANT_DTYPE = BF16
+FP8_WEIGHT_CODES = ("F8_E4M3", "F8_E5M2")  # safetensors dtype codes
+SCALE_CODES = ("F32", "BF16", "F16")
 
 # Tensor-name hints for checkpoints whose config.json does not (or no longer) say how they are quantized.
 TENSOR_HINTS = (
@@ -141,23 +142,33 @@ def refusal_message(info: QuantizationInfo, where: str) -> str:
 
 @dataclass
 class Fp8Dequant:
-    """fp8 weight -> fp32: each (rows x cols) block times its scale from the tensor ``scale``."""
+    """fp8 weight -> fp32: each (rows x cols) block of the weight times its scale from the tensor ``scale``.
+
+    Applied to a block of the weight's rows at a time (the kernel's row blocks): a 2-D weight's rows take their
+    row of scales; a stacked weight (experts, rows, cols) is split by its first dimension, whole matrices.
+    """
 
     scale: str
     block: tuple[int, int] | None  # None: one scale for the whole tensor
 
-    def __call__(self, base: Any, tensor: torch.Tensor) -> torch.Tensor:
-        scale = base.get(self.scale).to(torch.float32)
-        weight = tensor.to(torch.float32)
+    def apply(self, base: Any, values: np.ndarray, start: int, stop: int, shape: tuple[int, ...]) -> None:
+        """Scale ``values`` in place: the fp32 rows ``start:stop`` (first dimension) of the weight of ``shape``,
+        viewed as 2-D."""
+        scale = decode_f32(base.array(self.scale), base.infos[self.scale].dtype)
         if self.block is None:
-            return weight.mul_(scale.reshape(()) if scale.numel() == 1 else scale)
+            values *= scale.reshape(())
+            return
         block_rows, block_cols = self.block
-        cols = weight.shape[-1]
+        cols = shape[-1]
+        if len(shape) == 2:
+            weight, scale, first = values.reshape(stop - start, cols), scale, start
+        else:  # whole matrices of a stacked weight: their own scales
+            weight, scale, first = values.reshape(stop - start, *shape[1:]), scale[start:stop], 0
         # Row block by row block: expand scales over columns only, never a weight-sized scale tensor.
-        for i in range(scale.shape[-2]):
-            rows = weight[..., i * block_rows : (i + 1) * block_rows, :]
-            rows.mul_(scale[..., i : i + 1, :].repeat_interleave(block_cols, dim=-1)[..., :cols])
-        return weight
+        rows_here = weight.shape[-2]
+        for i in range(first // block_rows, -(-(first + rows_here) // block_rows)):
+            low, high = max(first, i * block_rows) - first, min(first + rows_here, (i + 1) * block_rows) - first
+            weight[..., low:high, :] *= np.repeat(scale[..., i : i + 1, :], block_cols, axis=-1)[..., :cols]
 
 
 def _block_error(name: str, shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int]) -> str | None:
@@ -178,7 +189,7 @@ class BasePreparation:
     dropped: set[str] = field(default_factory=set)
     config_updates: dict[str, Any] = field(default_factory=dict)
 
-    def output_dtype(self, source: str, requested: torch.dtype | None) -> torch.dtype | None:
+    def output_dtype(self, source: str, requested: np.dtype | None) -> np.dtype | None:
         """The output dtype of a dequantized tensor (requested, else bf16); None for other tensors."""
         if source not in self.dequant:
             return None
@@ -217,7 +228,7 @@ def prepare_base(base: Any, base_config: dict[str, Any] | None) -> BasePreparati
                 f"{where}: scale tensor {key!r} has no weight {weight_key!r}; the checkpoint is incomplete"
             )
         w_info, s_info = base.infos[weight_key], base.infos[key]
-        if w_info.dtype not in FP8_WEIGHT_DTYPES or s_info.dtype not in SCALE_DTYPES:
+        if w_info.code not in FP8_WEIGHT_CODES or s_info.code not in SCALE_CODES:
             info.reason = f"{weight_key} is {w_info.dtype} with {s_info.dtype} scales"
             raise QuantizedBaseError(refusal_message(info, where))
         per_tensor = math.prod(s_info.shape) == 1
@@ -229,7 +240,7 @@ def prepare_base(base: Any, base_config: dict[str, Any] | None) -> BasePreparati
                 )
         prep.dequant[weight_key] = Fp8Dequant(key, None if per_tensor else block)
         prep.dropped.add(key)
-    stray = [k for k in keys if base.infos[k].dtype in FP8_WEIGHT_DTYPES and k not in prep.dequant]
+    stray = [k for k in keys if base.infos[k].code in FP8_WEIGHT_CODES and k not in prep.dequant]
     if stray:
         info.reason = f"fp8 tensor {stray[0]!r} has no {SCALE_SUFFIX} scales"
         raise QuantizedBaseError(refusal_message(info, where))

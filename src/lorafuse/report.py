@@ -32,7 +32,7 @@ class MergeReport:
     seconds: float = 0.0
     lorafuse_version: str = __version__
     sources: dict[str, Any] = field(default_factory=dict)  # where base and adapters came from (lorafuse.sources)
-    engine: str = "torch"  # "numpy": the CLI's torch-free fast path (fastpath.py)
+    engine: str = "numpy"  # the kernel that merged: "numpy" (engine/kernel.py) or "cuda" (engine/cuda.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

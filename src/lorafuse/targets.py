@@ -1,5 +1,5 @@
-"""Names both merge paths agree on: embeddings and the output head, and configured target modules that matched
-no LoRA weights (a warning). No torch here: the CLI's fast path uses them too."""
+"""Names the plan, extract and combine agree on: embeddings and the output head, and configured target modules
+that matched no LoRA weights (a warning)."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ verify's output-level check; everything else runs on numpy (arrays.py).
 
 from __future__ import annotations
 
+import re
 from types import ModuleType
 from typing import Any
 
@@ -51,6 +52,19 @@ def _torch_dtypes(torch: ModuleType) -> dict[np.dtype, Any]:
     return {k: v for k, v in table.items() if v is not None}
 
 
+def torch_dtype(dtype: np.dtype) -> Any:
+    """The torch dtype of a numpy dtype (``arrays.BF16`` -> ``torch.bfloat16``)."""
+    return _torch_dtypes(require_torch("this operation"))[np.dtype(dtype)]
+
+
+def numpy_dtype(dtype: Any) -> np.dtype:
+    """The numpy dtype of a torch dtype (``torch.bfloat16`` -> ``arrays.BF16``)."""
+    for np_dtype, value in _torch_dtypes(require_torch("this operation")).items():
+        if value == dtype:
+            return np_dtype
+    raise LorafuseError(f"unsupported tensor dtype {dtype}")
+
+
 def to_torch(array: np.ndarray) -> Any:
     """A torch tensor sharing ``array``'s memory (bf16 and fp8 cross as raw bytes, then take their dtype)."""
     torch = require_torch("this operation")
@@ -70,3 +84,23 @@ def to_numpy(tensor: Any) -> np.ndarray:
         raw = tensor.view(torch.int16 if dtype.itemsize == 2 else torch.uint8).numpy()
         return raw.view(dtype)
     return tensor.numpy()
+
+
+DEVICE_RE = re.compile(r"(cpu|cuda)(:\d+)?")
+
+
+def check_device(device: str) -> str:
+    """``device`` when lorafuse can run its math there (cpu, cuda, cuda:N on this machine); else one line naming it
+    and the choices. Every command that takes ``--device`` comes through here; only a CUDA device imports torch."""
+    if not isinstance(device, str) or not DEVICE_RE.fullmatch(device):
+        raise LorafuseError(f"--device {device!r} is not a device lorafuse can use: choose cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        torch = require_torch(f"--device {device}")
+        if not torch.cuda.is_available():
+            raise LorafuseError("--device cuda was asked for but no CUDA device is available: use --device cpu")
+        index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise LorafuseError(
+                f"--device {device}: this machine has {count} CUDA device(s): use cuda:0 to cuda:{count - 1}"
+            )
+    return device

@@ -3,18 +3,58 @@
 ``diffusion_model.<key>.lora_up.weight`` / ``.lora_down.weight`` (optional ``.alpha``; scale 1 without it) add
 up @ down to ``<key>.weight``; full differences ``.diff``, ``.diff_b`` and ``.diff_m`` are added to ``<key>.weight``,
 ``<key>.bias`` and ``<key>.modulation``. The ``diffusion_model.`` prefix is matched like any other head prefix, so
-the same file merges into a checkpoint whose names carry it or not.
+the same file merges into a checkpoint whose names carry it or not. ``lorafuse extract --format diffusion``
+writes it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..io.checkpoint import Checkpoint
+from ..names import Layout
+from ..plan import AdapterInput
 from .lowrank import UP_DOWN_DIFF_SUFFIXES, LowRankAdapter, ShapeOf, read_lowrank
+from .registry import AdapterFormat, ReadContext, StoredNames, register_format
+from .single import diff_slot, keys_sniffer, read_single, write_single_file
 
 PREFIX = "diffusion_model."
 SUFFIXES = UP_DOWN_DIFF_SUFFIXES
+# Its own tensor names (its alphas alone would not tell it from other formats).
+SNIFF_SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".diff", ".diff_b", ".diff_m")
 
 
-def read_diffusion(checkpoint: Checkpoint, label: str, shape_of: ShapeOf | None = None) -> LowRankAdapter:
+def read_diffusion(
+    checkpoint: Checkpoint, label: str, layout: Layout | None = None, shape_of: ShapeOf | None = None
+) -> LowRankAdapter:
     """Read a diffusion-layout adapter file into edits targeting ``<key>.weight``/``.bias``/``.modulation``."""
+    del layout  # names are the base's own, up to the head prefix the plan matches
     return read_lowrank(checkpoint, label, SUFFIXES, shape_of=shape_of)
+
+
+def read(path: Path, context: ReadContext) -> AdapterInput:
+    """Read the diffusion-layout file at ``path``."""
+    return read_single(path, context, "diffusion", read_diffusion)
+
+
+def lora_names(module: str) -> tuple[str, str, str | None]:
+    """The (up, down, alpha) names lorafuse writes for ``module``: no alpha, so the scale is 1."""
+    return f"{PREFIX}{module}.lora_up.weight", f"{PREFIX}{module}.lora_down.weight", None
+
+
+def diff_name(name: str) -> str | None:
+    """The name lorafuse writes for base tensor ``name``'s full difference."""
+    parts = diff_slot(name)
+    return f"{PREFIX}{parts[0]}.{parts[1]}" if parts else None
+
+
+FORMAT = register_format(
+    AdapterFormat(
+        "diffusion",
+        sniff=keys_sniffer(lambda key: key.endswith(SNIFF_SUFFIXES)),
+        read=read,
+        write=write_single_file,
+        names=StoredNames("diffusion", lora_names, diff_name),
+        priority=20,
+    )
+)

@@ -113,11 +113,12 @@ def _lora_edit(
     rank = down.shape[0]
     scale = 1.0
     if "alpha" in slots:
-        alpha = checkpoint.get(slots["alpha"]).float()
-        if alpha.numel() != 1:
+        alpha = TensorRef(checkpoint, slots["alpha"]).load()
+        if alpha.size != 1:
             raise AdapterError(f"{source}: {slots['alpha']!r} must hold one number, it has shape {tuple(alpha.shape)}")
         what = f"{source}: {slots['alpha']!r}"
-        scale = finite_number(alpha.item(), what, "the file is broken; re-export the adapter", AdapterError) / rank
+        value = float(alpha.reshape(()))
+        scale = finite_number(value, what, "the file is broken; re-export the adapter", AdapterError) / rank
     layout = "linear"
     if len(down.shape) == 4:
         base_shape = shape_of(f"{target}.weight") if shape_of else None

@@ -17,11 +17,14 @@ from ..errors import AdapterError, InputError
 from ..io.checkpoint import Checkpoint
 from ..io.model_files import real_path
 
-# The config is read and checked without torch (the CLI's fast path reads it the same way).
+# The config is read and checked by the one reader of adapter configs.
 from ..peft_flags import CONFIG_NAME, AdapterConfig, load_config
+from ..plan import EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING, AdapterInput
+from .peft_writer import write_peft_adapter
+from .registry import AdapterFormat, ReadContext, StoredNames, register_format
+from .single import PEFT_PREFIX, adapter_keys
 
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "pytorch_model.bin")
-PEFT_PREFIX = "base_model.model."
 
 # lora_A / lora_B (Linear, Conv) and lora_embedding_A/B, with an optional adapter name PEFT sometimes keeps.
 LORA_KEY_RE = re.compile(
@@ -108,7 +111,8 @@ def edits_from_state(
             continue
         # modules_to_save, trained biases and saved base layers: the stored tensor replaces the base one.
         target = name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
-        edits.append(TargetedEdit(target, Replace(TensorRef(checkpoint, key), adapter=label, source_key=key)))
+        saved = Replace(TensorRef(checkpoint, key), base_copy=".base_layer." in name, adapter=label, source_key=key)
+        edits.append(TargetedEdit(target, saved))
     modules: dict[str, int] = {}
     for module, slots in groups.items():
         module_edits = _module_edits(module, slots, checkpoint, config, label, source)
@@ -164,3 +168,66 @@ def _module_edits(
             )
         )
     return out
+
+
+def sniff(path: Path) -> bool:
+    """A PEFT adapter folder (``adapter_config.json`` inside), or its ``adapter_model*`` weight file (the config
+    beside it). PEFT tensors without the config are refused: their scaling is in the config."""
+    path = Path(path)
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        return True
+    if path.is_file() and (path.parent / CONFIG_NAME).is_file() and path.name.startswith("adapter_model"):
+        return True
+    if path.exists() and any(k.startswith(PEFT_PREFIX) for k in adapter_keys(path)):
+        raise AdapterError(
+            f"{path} holds PEFT tensors (base_model.model.*) but no {CONFIG_NAME} beside it: "
+            "put the adapter's adapter_config.json next to the weights and pass the folder"
+        )
+    return False
+
+
+def _tokens_only(edits: list[TargetedEdit]) -> bool:
+    """True when trainable tokens are the adapter's only change to embeddings and heads: PEFT ties their rows to
+    a tied output head (the same rows moved together in training), so the pair stays tied."""
+    vocab = [e for e in edits if e.target.endswith((*EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING))]
+    return bool(vocab) and all(isinstance(e.edit, RowReplace) for e in vocab)
+
+
+def read(path: Path, context: ReadContext) -> AdapterInput:
+    """Read a PEFT adapter folder, or one of its weight files (its adapter_config.json sits beside it)."""
+    path = Path(path)
+    folder, weights = (path.parent, path) if path.is_file() else (path, None)
+    adapter = read_peft_adapter(folder, context.label, weights=weights)
+    return AdapterInput(
+        label=context.label,
+        edits=adapter.edits,
+        weight=context.weight,
+        target_modules=adapter.config.target_modules,
+        modules=adapter.modules,
+        keep_tied=bool(adapter.config.raw.get("ensure_weight_tying", False)) or _tokens_only(adapter.edits),
+        files=[adapter.checkpoint.files[0]],
+        fmt="peft",
+    )
+
+
+def lora_names(module: str) -> tuple[str, str, str | None]:
+    """The (lora_B, lora_A) names PEFT saves for ``module``; the scale is in the config."""
+    return f"{PEFT_PREFIX}{module}.lora_B.weight", f"{PEFT_PREFIX}{module}.lora_A.weight", None
+
+
+def diff_name(name: str) -> str | None:
+    """None: a PEFT adapter holds differences only as ``modules_to_save`` or ``lora_bias``, decided per module."""
+    del name
+    return None
+
+
+FORMAT = register_format(
+    AdapterFormat(
+        "peft",
+        sniff=sniff,
+        read=read,
+        write=write_peft_adapter,
+        names=StoredNames("peft", lora_names, diff_name),
+        priority=0,  # first: its config beside PEFT names decides, whatever the key names look like
+    )
+)

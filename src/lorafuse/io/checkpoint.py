@@ -1,35 +1,40 @@
-"""A checkpoint: every tensor of a model or adapter across its files, read lazily by name.
+"""A checkpoint: every tensor of a model or adapter across its files, read lazily by name, as numpy arrays.
 
-Safetensors files are read header-first and tensor by tensor with pread. Pickled ``.bin/.pt/.pth`` files are
-opened with ``torch.load(weights_only=True, mmap=True)`` so no code from the checkpoint ever runs.
+Safetensors files are read header-first and tensor by tensor with pread (no torch). Pickled ``.bin/.pt/.pth``
+files need the torch extra: they are opened with ``torch.load(weights_only=True, mmap=True)`` so no code from
+the checkpoint ever runs.
 """
 
 from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from ..dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS
+from ..arrays import code_of, dtype_of, nbytes_of
 from ..errors import InputError
-from ..torch_bridge import to_numpy
+from ..torch_bridge import numpy_dtype, require_torch, to_numpy
 from .model_files import find_model_weights
-from .safetensors_file import TensorInfo, is_lfs_pointer, lfs_pointer_error, read_array, read_header, read_tensor
+from .safetensors_file import TensorInfo, is_lfs_pointer, lfs_pointer_error, read_array, read_elements, read_header
 
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 NESTED_STATE_DICT_KEYS = ("state_dict", "model", "module", "model_state_dict")
+# numpy cannot hold these through the safetensors library's numpy loader (its names are not numpy's).
+LIBRARY_TORCH_ONLY = ("F8_E4M3", "F8_E5M2")
 
 
-def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load a pickled checkpoint safely (weights only), unwrapping nested ``state_dict``/``model`` dicts."""
+def load_pickled_state_dict(path: Path) -> dict[str, Any]:
+    """Load a pickled checkpoint safely (weights only), unwrapping nested ``state_dict``/``model`` dicts.
+
+    Returns torch tensors by name; needs the torch extra (a one-line error without it).
+    """
     if is_lfs_pointer(path):
         raise lfs_pointer_error(path)
+    torch = require_torch(f"reading {path.name} (a pickled PyTorch checkpoint)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
@@ -51,9 +56,10 @@ def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _code(tensor: torch.Tensor) -> str:
-    """The safetensors dtype code of a torch tensor's dtype."""
-    return TORCH_TO_SAFETENSORS[tensor.dtype]
+def _pickled_info(name: str, path: Path, tensor: Any) -> TensorInfo:
+    code = code_of(numpy_dtype(tensor.dtype))
+    shape = tuple(tensor.shape)
+    return TensorInfo(name, path, code, shape, -1, nbytes_of(dtype_of(code), shape))
 
 
 class Checkpoint:
@@ -69,7 +75,7 @@ class Checkpoint:
         self.files = [Path(f) for f in files]
         self.infos: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
-        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self._pickled: dict[Path, dict[str, Any]] = {}
         self._fds: dict[Path, int] = {}
         for path in self.files:
             if not path.is_file():
@@ -80,10 +86,7 @@ class Checkpoint:
             else:
                 state = load_pickled_state_dict(path)
                 self._pickled[path] = state
-                infos = {
-                    k: TensorInfo(k, path, v.dtype, tuple(v.shape), -1, v.numel() * v.element_size(), _code(v))
-                    for k, v in state.items()
-                }
+                infos = {k: _pickled_info(k, path, v) for k, v in state.items()}
             for name, info in infos.items():
                 if name in self.infos:
                     raise InputError(f"tensor {name!r} appears in both {self.infos[name].path} and {path}")
@@ -108,13 +111,6 @@ class Checkpoint:
             self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` in its stored dtype, in memory owned by the caller."""
-        info = self.infos[name]
-        if info.path in self._pickled:
-            return self._pickled[info.path][name].clone()
-        return read_tensor(info, self.fd(info.path))
-
     def array(self, name: str) -> np.ndarray:
         """The tensor ``name`` as a numpy array in its stored dtype, in memory owned by the caller."""
         info = self.infos[name]
@@ -122,9 +118,13 @@ class Checkpoint:
             return to_numpy(self._pickled[info.path][name]).copy()
         return read_array(info, self.fd(info.path))
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.infos:
-            yield name, self.get(name)
+    def elements(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Elements ``start:stop`` of tensor ``name`` flattened, in its stored dtype (one pread for safetensors;
+        ``out``: a uint8 buffer to read into, reused by the caller)."""
+        info = self.infos[name]
+        if info.path in self._pickled:
+            return to_numpy(self._pickled[info.path][name].reshape(-1)[start:stop])
+        return read_elements(info, self.fd(info.path), start, stop, out)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -144,7 +144,8 @@ class LibraryCheckpoint(Checkpoint):
 
     ``lorafuse verify`` reads a merged output this way, so that a header the merge wrote wrongly (and that the
     merge's own reader might accept) is caught by the library that every consumer of the file will use. Tensors are
-    read one at a time (``safe_open(...).get_tensor``); ``infos`` carry offset -1 (no byte ranges of our own).
+    read one at a time (``safe_open(...).get_tensor``, numpy); ``infos`` carry offset -1 (no byte ranges of our
+    own). fp8 tensors are read through torch (the library's numpy loader has no fp8).
     """
 
     def __init__(self, files: list[Path]):
@@ -161,7 +162,7 @@ class LibraryCheckpoint(Checkpoint):
         try:
             for path in self.files:
                 try:
-                    handle = safe_open(str(path), framework="pt")
+                    handle = safe_open(str(path), framework="np")
                 except Exception as exc:  # SafetensorError, OSError: every refusal of the library
                     raise _library_error(path, exc) from exc
                 self._handles[path] = handle
@@ -174,28 +175,35 @@ class LibraryCheckpoint(Checkpoint):
 
     def _add(self, path: Path, name: str, view: Any) -> None:
         code, shape = view.get_dtype(), tuple(view.get_shape())
-        if code not in SAFETENSORS_TO_TORCH:
-            raise InputError(f"{path}: tensor {name!r} has dtype {code}, which lorafuse cannot read")
+        try:
+            dtype = dtype_of(code)
+        except Exception:
+            raise InputError(f"{path}: tensor {name!r} has dtype {code}, which lorafuse cannot read") from None
         if name in self.infos:
             raise InputError(f"tensor {name!r} appears in both {self.infos[name].path} and {path}")
-        dtype = SAFETENSORS_TO_TORCH[code]
-        numel = 1
-        for d in shape:
-            numel *= d
-        self.infos[name] = TensorInfo(name, path, dtype, shape, -1, numel * dtype.itemsize, code)
-
-    def get(self, name: str) -> torch.Tensor:
-        info = self.infos[name]
-        try:
-            tensor = self._handles[info.path].get_tensor(name)
-        except Exception as exc:  # the library refuses to read it after all
-            raise _library_error(info.path, exc) from exc
-        if tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
-            raise InputError(f"{info.path}: the safetensors library reads tensor {name!r} unlike its header")
-        return tensor
+        self.infos[name] = TensorInfo(name, path, code, shape, -1, nbytes_of(dtype, shape))
 
     def array(self, name: str) -> np.ndarray:
-        return to_numpy(self.get(name))
+        info = self.infos[name]
+        try:
+            if info.code in LIBRARY_TORCH_ONLY:
+                from safetensors import safe_open
+
+                require_torch(f"reading the fp8 tensor {name!r} of {info.path}")
+                with safe_open(str(info.path), framework="pt") as handle:
+                    array = to_numpy(handle.get_tensor(name))
+            else:
+                array = self._handles[info.path].get_tensor(name)
+        except Exception as exc:  # the library refuses to read it after all
+            if isinstance(exc, InputError):
+                raise
+            raise _library_error(info.path, exc) from exc
+        if array.dtype != info.dtype or tuple(array.shape) != info.shape:
+            raise InputError(f"{info.path}: the safetensors library reads tensor {name!r} unlike its header")
+        return array
+
+    def elements(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        return self.array(name).reshape(-1)[start:stop]
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -226,3 +234,4 @@ def open_model(path: Path) -> tuple[Checkpoint, str, Path | None]:
         return Checkpoint([path]), stem, None
     files, prefix, index = find_model_weights(path)
     return Checkpoint(files), prefix, index
+

@@ -1,7 +1,7 @@
-"""Output layout, torch-free: shard sizes and names, tensor offsets and the safetensors header bytes.
+"""Output layout: shard sizes and names, tensor offsets and the safetensors header bytes.
 
-Both the engine (writer.py) and the CLI's early prefill (prefill.py, before ``import torch``) lay out shards with
-these functions, so the two agree byte for byte.
+Both the merge pipeline (engine/pipeline.py) and its early prefill (prefill.py, started before the adapters are
+read) lay out shards with these functions, so the two agree byte for byte.
 """
 
 from __future__ import annotations
@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..errors import LorafuseError
 
@@ -50,7 +48,7 @@ class Slot:
     """Where one output tensor goes."""
 
     name: str
-    dtype: Any  # torch.dtype in the engine; the safetensors code (e.g. 'BF16') in prefill.py
+    dtype: str  # the safetensors dtype code, e.g. "BF16"
     shape: tuple[int, ...]
     nbytes: int
     shard: int = 0
@@ -77,18 +75,13 @@ def shard_names(prefix: str, count: int, suffix: str) -> list[str]:
     return [f"{prefix}-{i + 1:05d}-of-{count:05d}{suffix}" for i in range(count)]
 
 
-def safetensors_header(
-    slots: list[Slot], metadata: dict[str, str] | None = None, code: Callable[[Any], str] = str
-) -> bytes:
-    """Header bytes (length prefix + JSON padded to 8 bytes) for tensors written in the given order.
-
-    ``code`` turns a slot's dtype into its safetensors code.
-    """
+def safetensors_header(slots: list[Slot], metadata: dict[str, str] | None = None) -> bytes:
+    """Header bytes (length prefix + JSON padded to 8 bytes) for tensors written in the given order."""
     header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for slot in slots:
         header[slot.name] = {
-            "dtype": code(slot.dtype),
+            "dtype": slot.dtype,
             "shape": list(slot.shape),
             "data_offsets": [offset, offset + slot.nbytes],
         }

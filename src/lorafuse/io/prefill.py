@@ -1,14 +1,14 @@
-"""Start writing the merged model before ``import torch``: every base tensor's bytes copied to its output place.
+"""Start writing the merged model before its plan exists: every base tensor's bytes copied to its output place.
 
-Where the time goes on a small machine: ``import torch`` costs about a second, and filling fresh page cache with
-the output costs about what ``cp -r`` of the model costs, while overwriting pages that already exist is several
-times cheaper. So ``lorafuse merge`` (the CLI) guesses the output layout from the base's headers alone (dtype
-auto: the output holds the base's tensors in the base's order), creates the merge's temporary output folder and,
-in a background thread, copies every base tensor to its output offset with ``copy_file_range`` while the main
-thread imports torch and reads the adapters. The engine (engine.py) then compares its real layout with the guess:
-when the shard names and header bytes are identical, untouched tensors are already in place and merged tensors
-overwrite their pages once the prefill has passed them; otherwise the prefill is stopped and its files removed
-before the engine writes. Nothing here imports torch.
+Where the time goes: filling fresh page cache with the output costs about what ``cp -r`` of the model costs,
+while overwriting pages that already exist is several times cheaper. So the merge pipeline (merger.py, for every
+entry point) guesses the output layout from the base's headers alone (dtype auto: the output holds the base's
+tensors in the base's order), creates the merge's temporary output folder and, in a background thread, copies
+every base tensor to its output offset with ``copy_file_range`` while the main thread reads the adapters and
+builds the plan. The pipeline then compares the plan's layout with the guess: when the shard names and header
+bytes are identical, untouched tensors are already in place and merged tensors overwrite their pages once the
+prefill has passed them (io/writer.py); otherwise the prefill is stopped and its files removed before the kernel
+writes.
 """
 
 from __future__ import annotations
@@ -62,10 +62,12 @@ class Prefill:
         self._sources = sources
         self._file_ids = {path: file_id(path) for path, _ in sources.values()}
         self._order = {slot.name: i for i, slot in enumerate(slots)}
-        self.used = False  # set when the engine adopted the files
+        self.used = False  # set when the merge adopted the files
         self._done = 0  # slots[:_done] are copied
         self._error: BaseException | None = None
         self._cancelled = False
+        self._skip: set[str] = set()  # slots the merge rewrites whole: not copied (once the plan says so)
+        self._skipped: set[str] = set()
         self._created: list[Path] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -93,15 +95,20 @@ class Prefill:
         sources: dict[Path, int] = {}
         try:
             for i, slot in enumerate(self.slots):
-                src_path, src_offset = self._sources[slot.name]
-                if src_path not in sources:
-                    sources[src_path] = os.open(src_path, os.O_RDONLY)
-                if not self._copy(sources[src_path], src_offset, fds[slot.shard], slot.offset, slot.nbytes):
-                    return  # cancelled
+                with self._cond:
+                    skip = slot.name in self._skip
+                    if skip:
+                        self._skipped.add(slot.name)
+                if not skip:
+                    src_path, src_offset = self._sources[slot.name]
+                    if src_path not in sources:
+                        sources[src_path] = os.open(src_path, os.O_RDONLY)
+                    if not self._copy(sources[src_path], src_offset, fds[slot.shard], slot.offset, slot.nbytes):
+                        return  # cancelled
                 with self._cond:
                     self._done = i + 1
                     self._cond.notify_all()
-        except BaseException as exc:  # reported by wait_for / finish on the engine's thread
+        except BaseException as exc:  # reported by wait_for / finish on the merge's threads
             with self._cond:
                 self._error = exc
                 self._cond.notify_all()
@@ -134,9 +141,23 @@ class Prefill:
         return True
 
     def matches(self, names: list[str], headers: list[bytes]) -> bool:
-        """True when the engine's shard names and header bytes are exactly the guessed ones."""
+        """True when the plan's shard names and header bytes are exactly the guessed ones."""
         self.used = names == self.names and headers == self.headers
         return self.used
+
+    def skip(self, names: set[str]) -> None:
+        """Do not copy the slots of ``names`` (the merge writes them whole) where the copy has not reached them.
+
+        The bytes a merge rewrites would otherwise be copied once and written again: the kernel writes them into
+        fresh pages instead (:meth:`skipped` tells which).
+        """
+        with self._cond:
+            self._skip |= set(names)
+
+    def skipped(self, name: str) -> bool:
+        """True when the slot of ``name`` was left out of the copy (:meth:`skip`): its pages are fresh."""
+        with self._cond:
+            return name in self._skipped
 
     def source(self, name: str) -> tuple[Path, int]:
         """The base file and offset whose bytes go into the slot of ``name``."""

@@ -1,4 +1,4 @@
-"""Header-only view of a safetensors file; tensor bytes are read on demand with pread."""
+"""Header-only view of a safetensors file; tensor bytes are read on demand with pread, into numpy arrays."""
 
 from __future__ import annotations
 
@@ -7,12 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..arrays import dtype_of, nbytes_of
-from ..dtypes import SAFETENSORS_TO_TORCH
+from ..arrays import CODE_TO_DTYPE, dtype_of, nbytes_of
 from ..errors import InputError
-from .byte_view import byte_view
 from .safetensors_header import is_lfs_pointer, lfs_pointer_error, read_raw_header
 
 __all__ = [
@@ -21,22 +18,26 @@ __all__ = [
     "lfs_pointer_error",
     "pread_into",
     "read_array",
+    "read_elements",
     "read_header",
-    "read_tensor",
 ]
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: file, dtype, shape and absolute byte range."""
+    """Where one tensor lives: file, safetensors dtype code, shape and absolute byte range."""
 
     name: str
     path: Path
-    dtype: torch.dtype
+    code: str  # the safetensors dtype code ("BF16"...): ``dtype`` is its numpy dtype
     shape: tuple[int, ...]
-    offset: int  # absolute offset of the first byte in the file
+    offset: int  # absolute offset of the first byte in the file; -1 for tensors of a pickled checkpoint
     nbytes: int
-    code: str = ""  # the safetensors dtype code ("BF16"...): arrays.dtype_of(code) is its numpy dtype
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The numpy dtype of the stored values (ml_dtypes for bf16 and fp8)."""
+        return dtype_of(self.code)
 
     @property
     def numel(self) -> int:
@@ -52,12 +53,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     entries, metadata = read_raw_header(path)
     infos: dict[str, TensorInfo] = {}
     for e in entries:
-        if e.dtype not in SAFETENSORS_TO_TORCH:
+        if e.dtype not in CODE_TO_DTYPE:
             raise InputError(
                 f"{path}: tensor {e.name!r} has dtype {e.dtype}, which lorafuse cannot read: "
                 "convert the file to F32, F16 or BF16"
             )
-        infos[e.name] = TensorInfo(e.name, path, SAFETENSORS_TO_TORCH[e.dtype], e.shape, e.offset, e.nbytes, e.dtype)
+        infos[e.name] = TensorInfo(e.name, path, e.dtype, e.shape, e.offset, e.nbytes)
     return infos, metadata
 
 
@@ -72,17 +73,6 @@ def pread_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
         done += n
 
 
-def read_tensor(info: TensorInfo, fd: int) -> torch.Tensor:
-    """Read one tensor into fresh memory owned by the returned tensor (exactly its byte range, never beyond)."""
-    out = torch.empty(info.shape, dtype=info.dtype)
-    if out.numel() * out.element_size() != info.nbytes:  # read_raw_header guarantees this; never read past
-        raise InputError(f"{info.path}: tensor {info.name!r} has {info.nbytes} bytes, not dtype x shape")
-    if info.nbytes:
-        view = byte_view(out.view(-1).view(torch.uint8))
-        pread_into(fd, view, info.offset, info.path)
-    return out
-
-
 def read_array(info: TensorInfo, fd: int) -> np.ndarray:
     """Read one tensor as a numpy array of its stored dtype, in fresh memory (exactly its byte range)."""
     dtype = dtype_of(info.code)
@@ -92,3 +82,18 @@ def read_array(info: TensorInfo, fd: int) -> np.ndarray:
     if info.nbytes:
         pread_into(fd, memoryview(raw), info.offset, info.path)
     return raw.view(dtype).reshape(info.shape)
+
+
+def read_elements(info: TensorInfo, fd: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Elements ``start:stop`` of one tensor, flattened, in its stored dtype, read with one pread.
+
+    ``out`` (uint8, at least that many bytes) is a reused buffer to read into; the result is a view of it.
+    """
+    dtype = dtype_of(info.code)
+    if not 0 <= start <= stop <= info.numel:
+        raise InputError(f"{info.path}: elements {start}:{stop} are outside tensor {info.name!r} ({info.numel})")
+    nbytes = (stop - start) * dtype.itemsize
+    raw = np.empty(nbytes, dtype=np.uint8) if out is None else out[:nbytes]
+    if nbytes:
+        pread_into(fd, memoryview(raw), info.offset + start * dtype.itemsize, info.path)
+    return raw.view(dtype)

@@ -1,20 +1,23 @@
 """A single-file tensor writer for outputs whose contents are only known at the end (extracted adapters).
 
-Tensors are appended to a hidden spool file as they are produced (so memory stays at one tensor), and
-:meth:`SpoolWriter.finish` writes the safetensors header followed by the spooled bytes, or a ``torch.save``
-pickle for ``.pt``/``.pth`` outputs.
+Tensors are appended to a hidden spool file as they are produced (so memory stays at one tensor); at the end
+:meth:`SpoolWriter.arrays` hands them to the one safetensors writer (formats/peft_writer.py), or
+:meth:`SpoolWriter.finish_pickle` writes a ``torch.save`` pickle for ``.pt``/``.pth`` outputs (the torch extra).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
-import torch
+import numpy as np
 
+from ..arrays import code_of, dtype_of
+from .layout import Slot
 from .output import save_torch_file
-from .safetensors_file import TensorInfo, read_tensor
-from .writer import Slot, safetensors_header, tensor_bytes
+from .safetensors_file import pread_into
+from .writer import array_bytes
 
 
 class SpoolWriter:
@@ -27,17 +30,21 @@ class SpoolWriter:
         self._size = 0
         self._names: set[str] = set()
 
-    def add(self, name: str, tensor: torch.Tensor) -> int:
-        """Append ``tensor`` under ``name``; returns its size in bytes."""
+    def add(self, name: str, tensor: Any) -> int:
+        """Append ``tensor`` (a numpy array; a torch tensor crosses through torch_bridge) under ``name``; returns its
+        size in bytes."""
         if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
         self._names.add(name)
-        tensor = tensor.detach().cpu().contiguous()
-        data = tensor_bytes(tensor)
+        if not isinstance(tensor, np.ndarray):
+            from ..torch_bridge import to_numpy
+
+            tensor = to_numpy(tensor)
+        data = array_bytes(tensor)
         done = 0
         while done < len(data):
             done += os.pwrite(self._fd, data[done:], self._size + done)
-        slot = Slot(name, tensor.dtype, tuple(tensor.shape), len(data))
+        slot = Slot(name, code_of(tensor.dtype), tuple(tensor.shape), len(data))
         self._entries.append((slot, self._size))
         self._size += len(data)
         return len(data)
@@ -57,36 +64,33 @@ class SpoolWriter:
     def names(self) -> list[str]:
         return [slot.name for slot, _ in self._entries]
 
-    def finish(self, path: Path, metadata: dict[str, str] | None = None, pickle: bool = False) -> None:
-        """Write every tensor to ``path``: safetensors, or a ``torch.save`` pickle with ``pickle``."""
-        path = Path(path)
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every kept tensor as a read-only array over the spool file (memory-mapped: one tensor at a time is
+        paged in while a writer copies them out), for formats/peft_writer.py."""
+        if not self._entries:
+            return {}
+        whole = np.memmap(self.spool_path, dtype=np.uint8, mode="r", shape=(max(self._size, 1),))
+        return {
+            slot.name: whole[offset : offset + slot.nbytes].view(dtype_of(slot.dtype)).reshape(slot.shape)
+            for slot, offset in self._entries
+        }
+
+    def finish_pickle(self, path: Path) -> None:
+        """Write every tensor to ``path`` as a ``torch.save`` pickle (the torch extra), then drop the spool."""
         try:
-            if pickle:
-                self._finish_pickle(path)
-            else:
-                self._finish_safetensors(path, metadata)
+            self._finish_pickle(path)
         finally:
             self.close()
 
-    def _finish_safetensors(self, path: Path, metadata: dict[str, str] | None) -> None:
-        slots = [slot for slot, _ in self._entries]
-        head = safetensors_header(slots, metadata)
-        with open(path, "wb") as out:
-            out.write(head)
-            for slot, offset in self._entries:
-                done = 0
-                while done < slot.nbytes:
-                    chunk = os.pread(self._fd, min(16 << 20, slot.nbytes - done), offset + done)
-                    out.write(chunk)
-                    done += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-
     def _finish_pickle(self, path: Path) -> None:
+        from ..torch_bridge import require_torch, to_torch
+
+        require_torch(f"writing {path.name} (a PyTorch pickle)")
         state = {}
         for slot, offset in self._entries:
-            info = TensorInfo(slot.name, self.spool_path, slot.dtype, slot.shape, offset, slot.nbytes)
-            state[slot.name] = read_tensor(info, self._fd)
+            raw = np.empty(slot.nbytes, dtype=np.uint8)
+            pread_into(self._fd, memoryview(raw), offset, self.spool_path)
+            state[slot.name] = to_torch(raw.view(dtype_of(slot.dtype)).reshape(slot.shape))
         save_torch_file(state, path)  # a full disk is an OSError, not torch's RuntimeError
 
     def close(self) -> None:

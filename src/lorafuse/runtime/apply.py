@@ -17,10 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..edits import BiasDelta, DoraDelta, Edit, LoraDelta, with_strength
+from ..edits import BiasDelta, DoraDelta, Edit, LoraDelta
+from ..engine.cuda import TorchOps
+from ..engine.kernel import matrix_shape
 from ..errors import AdapterError, ShapeMismatchError
-from ..keymatch import KeyMatcher
-from ..plan import AdapterInput, _fix_layout
+from ..names import layout_of
+from ..plan import AdapterInput
+from ..torch_bridge import to_torch
 from .layers import LoraModule, LoraPatch, adapter_dtype, is_conv1d_layer, layer_kind
 
 log = logging.getLogger("lorafuse")
@@ -40,8 +43,23 @@ class _MemRef:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.tensor.shape)
 
-    def load(self, device: torch.device | str | None = None) -> torch.Tensor:
-        return self.tensor.to(device=device, dtype=torch.float32)
+    def load(self) -> torch.Tensor:
+        return self.tensor.float()  # TorchOps copies it onto its device: edits change what they load
+
+    def load_span(self, start: int, stop: int) -> torch.Tensor:
+        return self.tensor.reshape(-1)[start:stop].to(dtype=torch.float32)
+
+
+def _apply(edits: list[Edit], weight: torch.Tensor, base: torch.Tensor) -> None:
+    """Apply ``edits`` in order to the fp32 ``weight`` in place (``base``: the unedited weight), as the merge does."""
+    rows, cols = matrix_shape(tuple(weight.shape))
+    ops = TorchOps(weight.device)
+    for edit in edits:
+        edit.apply(weight.view(rows, cols), slice(0, rows), ops, base.reshape(rows, cols))
+
+
+def _loaded(ref: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return TorchOps(device).load(ref).to(dtype)
 
 
 @dataclass
@@ -66,8 +84,7 @@ class _SwapSlot:
         base = self.original.detach().float()
         weight = base.clone()
         for _name, edits in self.entries:
-            for edit in edits:
-                weight = edit.apply(weight, base)
+            _apply(edits, weight, base)
         value = weight.to(self.original.dtype)
         self._set(nn.Parameter(value, requires_grad=False) if isinstance(self.original, nn.Parameter) else value)
 
@@ -193,16 +210,16 @@ def _make_patch(pending: _Pending, layer: nn.Module) -> LoraPatch:
     device = layer.weight.device
     kind = layer_kind(layer)
     assert kind is not None
-    A = edit.A.load(device).to(dtype)
-    B = edit.B.load(device).to(dtype)
+    A = _loaded(edit.A, device, dtype)
+    B = _loaded(edit.B, device, dtype)
     magnitude = None
     if isinstance(edit, DoraDelta) and edit.magnitude is not None:
-        magnitude = edit.magnitude.load(device).to(dtype)
+        magnitude = _loaded(edit.magnitude, device, dtype)
     bias = None
     if pending.bias is not None:
         # PEFT scales lora_B's bias with the LoRA scaling; a different bias scale is folded into the values.
         factor = pending.bias.scale / edit.scale if edit.scale else 0.0
-        bias = pending.bias.b.load(device).to(dtype) * factor
+        bias = _loaded(pending.bias.b, device, dtype) * factor
     transposed = kind == "embedding" or edit.layout == "transposed"
     return LoraPatch(kind, A, B, edit.scale, transposed=transposed, bias=bias, magnitude=magnitude)
 
@@ -228,7 +245,7 @@ def apply_adapter(
         name = f"adapter{state.counter}"
     _check_name(name, state)
     strength = float(weight) * float(inp.weight)
-    matcher = KeyMatcher(list(table))
+    matcher = layout_of(list(table))
     pending: dict[int, _Pending] = {}  # id(layer) -> its LoRA edit
     swaps: dict[tuple[int, str], tuple[nn.Module, str, list[Edit]]] = {}
     bias_edits: list[tuple[nn.Module, BiasDelta]] = []
@@ -245,7 +262,7 @@ def apply_adapter(
                 )
             module, attr = table[key]
             tensor = getattr(module, attr)
-            edit = with_strength(_fix_layout(targeted.edit, tuple(tensor.shape), is_conv1d_layer(module)), strength)
+            edit = targeted.edit.oriented(tuple(tensor.shape), is_conv1d_layer(module)).scaled(strength)
             err = edit.shape_error(tuple(tensor.shape))
             if err:
                 raise ShapeMismatchError(
@@ -309,7 +326,7 @@ def _in_memory(edit: Edit) -> Edit:
     for f in fields(edit):
         value = getattr(edit, f.name)
         if hasattr(value, "checkpoint") and hasattr(value, "load"):
-            changes[f.name] = _MemRef(value.load(), value.name)
+            changes[f.name] = _MemRef(to_torch(value.load()), value.name)
     return replace(edit, **changes)
 
 
@@ -386,7 +403,7 @@ def merge_into(model: nn.Module) -> nn.Module:
             original = base.weight.detach().float()
             weight = original.clone()
             for patch in wrapper.lora.values():
-                weight = patch_edit(patch).apply(weight, original)
+                _apply([patch_edit(patch)], weight, original)
                 if patch.lora_bias is not None:
                     if getattr(base, "bias", None) is None:
                         log.warning("%s has no bias: its adapter's lora_B bias cannot be merged (dropped)", module_name)

@@ -4,7 +4,6 @@ as a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) that
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -13,16 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import AdapterError
-from ..io.output import AtomicOutput, check_output
+from ..formats.peft import PEFT_PREFIX
+from ..formats.peft_writer import write_peft_adapter
+from ..torch_bridge import to_numpy
 from .apply import lora_modules, runtime_state, unwrappable, wrap_layer
 from .layers import LoraModule, LoraPatch, adapter_dtype, layer_kind
 
 log = logging.getLogger("lorafuse")
-PEFT_PREFIX = "base_model.model."
 
 
 def named_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -161,9 +160,7 @@ def save_adapter(model: nn.Module, folder: str | Path, name: str = "default", ov
     info: dict[str, Any] = (state.adapters.get(name) or {}) if state else {}
     if "config" not in info:
         raise AdapterError(f"the model has no adapter {name!r} created by inject_lora: nothing to save")
-    folder = Path(folder)
-    check_output(folder, overwrite, [])
-    tensors = adapter_state_dict(model, name)
+    tensors = {key: to_numpy(value) for key, value in adapter_state_dict(model, name).items()}
     model_config = getattr(model, "config", None)
     config = {
         "peft_type": "LORA",
@@ -179,8 +176,4 @@ def save_adapter(model: nn.Module, folder: str | Path, name: str = "default", ov
         "alpha_pattern": {},
         **info["config"],
     }
-    with AtomicOutput(folder) as out:
-        (out.tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(out.tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        out.commit()
-    return folder
+    return write_peft_adapter(folder, tensors, config, overwrite=overwrite)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from .cli import command
+from . import add_adapter_format
+from .weight_flag import add_weight_flag, given_weights
+
+WRITES = ("peft",)  # the adapter format combine writes (combine.combine writes PEFT only)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -18,25 +21,25 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="cat: exact, rank = sum of ranks (default); linear: PEFT's linear mix, equal ranks; "
         "svd: weighted sum truncated to --rank",
     )
-    p.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default: 1 each)")
+    add_weight_flag(p, "--weights")  # --weights: the flag's first spelling, kept as an alias
     p.add_argument("--rank", type=int, default=None, help="rank of the svd result (default: the largest input rank)")
     p.add_argument("--dtype", default="fp32", help="dtype of the stored factors: fp32 (default), bf16, fp16 or auto")
+    p.add_argument("--format", choices=WRITES, default=WRITES[0], help="format of the adapter written (peft)")
     p.add_argument("--base", default=None, help="base model, to resolve kohya module names against")
-    p.add_argument("--adapter-format", default=None, help="force the input adapter format instead of detecting it")
+    add_adapter_format(p, "input adapters")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-@command("combine")(add_args)
-def run_combine(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Combine several LoRA adapters into one (cat, linear or svd), loadable by PEFT."""
-    from .combine import combine
+    from ..combine import combine
 
     report = combine(
         args.adapters,
         args.output,
         method=args.method,
-        weights=args.weights,
+        weights=given_weights(args),
         rank=args.rank,
         dtype=args.dtype,
         overwrite=args.overwrite,

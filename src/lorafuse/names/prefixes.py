@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 
-class KeyMatcher:
-    """Resolves adapter target names against a fixed set of base tensor names."""
+class PrefixMap:
+    """Resolves adapter target names against a fixed set of base tensor names, across head-prefix differences."""
 
     def __init__(self, base_keys: list[str]):
         self.keys = set(base_keys)

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from .cli import command
+from . import add_adapter_format
+from .weight_flag import add_weight_flag, given_weights
 
 
 def add_verify_options(p: argparse.ArgumentParser) -> None:
@@ -27,8 +28,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--adapter", action="append", required=True, help="an adapter (a path or source), once each, in merge order"
     )
     p.add_argument("--cache-dir", help="download cache for Hub/ModelScope sources (default: the hubs' own caches)")
-    p.add_argument("--weight", type=float, action="append", help="each adapter's merge weight, once per adapter")
-    p.add_argument("--adapter-format", default=None, help="force the adapter format instead of detecting it")
+    add_weight_flag(p)
+    add_adapter_format(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda for the recomputation")
     p.add_argument("--allow-unmatched", action="store_true", help="skip adapter tensors the base has no target for")
     add_verify_options(p)
@@ -44,7 +45,7 @@ def run_verification(
     as_json: bool,
 ) -> int:
     """Verify, print the report, and return the exit code (1 when beyond tolerance)."""
-    from .verify import DEFAULT_MAX_ULP, render, verify
+    from ..verify import DEFAULT_MAX_ULP, render, verify
 
     report = verify(
         merged,
@@ -66,15 +67,14 @@ def run_verification(
     return 0
 
 
-@command("verify")(add_args)
-def run_verify(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Check a merged model against base + adapters (weights, and outputs when transformers can load it)."""
-    return run_verification(args.merged, args.base, args.adapter, args.weight, args, args.json)
+    return run_verification(args.merged, args.base, args.adapter, given_weights(args), args, args.json)
 
 
 def verify_after_merge(args: argparse.Namespace):
     """``lorafuse merge --verify``: verify the merge just written, with the merge's own arguments."""
-    from .verify import verify
+    from ..verify import verify
 
     return verify(
         args.output,

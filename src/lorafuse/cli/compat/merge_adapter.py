@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from .cli import run_guarded
-from .errors import LorafuseError, OutputError
-from .io.output import check_output, describe_os_error, make_parents, refuse_overlap, remove_parents
+from ...errors import LorafuseError, OutputError
+from ...io.output import check_output, describe_os_error, make_parents, refuse_overlap, remove_parents
+from ..exits import run_guarded
 
 PREFIX = "[merge_adapter] "
 WORK_MARKER = ".lorafuse-work"  # left in work folders lorafuse made, so a re-run may empty them
@@ -156,9 +156,9 @@ def remove_created(made: list[Path]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .merger import merge
-    from .sources import parse_source
-    from .sources.resolve import fetch
+    from ...merger import merge
+    from ...sources import parse_source
+    from ...sources.resolve import fetch
 
     if not args.adapter_repo_url:
         raise LorafuseError("no adapter given: set ADAPTER_REPO_URL or pass --adapter_repo_url")

@@ -1,4 +1,4 @@
-"""``lorafuse extract BASE TUNED -o OUT --rank R``: registers the sub-command with :mod:`lorafuse.cli`."""
+"""``lorafuse extract BASE TUNED -o OUT --rank R``: an adapter from the difference of two models."""
 
 from __future__ import annotations
 
@@ -7,22 +7,22 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from .cli import command, human_bytes
+from . import human_bytes, progress
 
 if TYPE_CHECKING:
-    from .extract import ExtractReport
-
-# The names extract.EXTRACT_FORMATS accepts, repeated here so that building the CLI does not import torch
-# (tests/test_merge_prefill.py checks that the two agree).
-EXTRACT_FORMATS = ("peft", "diffusion", "kohya")
+    from ..extract import ExtractReport
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    from ..formats.registry import written_formats
+
     p.add_argument("base", help="base model folder or .safetensors/.pt file")
     p.add_argument("tuned", help="fine-tuned model (same tensor names)")
     p.add_argument("-o", "--output", required=True, help="adapter folder (peft) or file (diffusion, kohya)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (the cap with --energy; default 16)")
-    p.add_argument("--format", dest="fmt", choices=EXTRACT_FORMATS, default="peft", help="adapter format")
+    p.add_argument(
+        "--format", dest="fmt", choices=written_formats(), default="peft", help="format of the adapter written"
+    )
     p.add_argument("--energy", type=float, default=None, help="dynamic rank: keep this fraction of each delta's energy")
     p.add_argument("--exact-svd", action="store_true", help="full SVD instead of randomized SVD")
     p.add_argument("--oversample", type=int, default=8, help="randomized SVD oversampling (default 8)")
@@ -46,7 +46,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _power_iters(value: str) -> int | str:
-    """``auto`` or a count >= 0 (as extract.parse_power_iters, without importing torch)."""
+    """``auto`` or a count >= 0 (as extract.parse_power_iters, without importing numpy)."""
     if value.strip().lower() == "auto":
         return "auto"
     if not value.strip().isdigit():
@@ -76,10 +76,9 @@ def print_statistics(report: ExtractReport, show_tensors: int = 5, file=None) ->
             print(f"  {t.kind}: {t.name} ({t.note})", file=file)
 
 
-@command("extract")(add_args)
-def run_extract(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Extract the difference between a tuned model and its base as a LoRA adapter."""
-    from .extract import extract
+    from ..extract import extract
 
     report = extract(
         args.base,
@@ -98,12 +97,13 @@ def run_extract(args: argparse.Namespace) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
         base_name=args.base_name,
+        show_progress=progress(args),
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
     print(f"wrote {report.output} ({report.format}, rank {report.rank}) in {report.seconds:.1f} s")
     print_statistics(report, args.show_tensors)
-    for warning in report.warnings:
+    for warning in [] if args.quiet else report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return 0

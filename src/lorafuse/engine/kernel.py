@@ -1,0 +1,396 @@
+"""The numpy kernel: applies a merge plan tensor by tensor, row block by row block, into an output writer.
+
+Every tensor that must be computed (changed by edits, converted to another dtype, dequantized) is one job: its
+base rows are read with ``preadv`` into a reused buffer, decoded to fp32 (bf16 by a shift), changed by its edits
+in order (edits.py), checked (NaN/Inf, the output dtype's range), rounded once to the output dtype (to nearest,
+ties to even: ``arrays.round_to``) and handed to the writer at their offset. A block is about 4 MB of fp32 rows,
+so it stays in the CPU cache between the decode, the products and the rounding; each thread reuses its buffers
+(fresh 4 MB arrays per block would cost page faults every time), so memory is a few blocks per thread whatever the
+tensor, and the factors of one tensor. Edits that need every row at once (a norm across rows) get the tensor as
+one block. Untouched tensors that keep their dtype are copied file to file (``copy_file_range``), or are already in
+place (the prefill, io/prefill.py).
+
+Jobs run on :func:`math_threads` threads: numpy's loops and products release the GIL, and each product runs on one
+BLAS thread, so the merge threads share the cores instead of a gang-scheduled BLAS pool spinning beside them.
+The order of operations on each element is fixed (the tensor's edits in plan order, whatever the block size or
+thread), so every entry point writes identical bytes. Untouched float tensors are scanned for NaN/Inf in the same
+pool (a warning, not an error: they are copied as they are).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..arrays import F32, FINITE_LIMIT, check_values, decode_f32, round_to, short_name
+from ..edits import Array, BlockOps
+from ..errors import DtypeOverflowError, LorafuseError
+from ..io.layout import Slot
+from ..io.writer import array_bytes
+from ..math_threads import math_threads
+from ..plan import MergePlan, OutputTensor
+from ..torch_bridge import check_device
+
+# fp32 bytes of one row block: small enough to stay in cache between the decode, the products and the rounding.
+ROW_BLOCK_BYTES = 4 << 20
+# A thread's buffers above this size (a whole-tensor block) are freed after the tensor, so one huge tensor does
+# not pin memory for the rest of the merge.
+KEEP_BUFFER_BYTES = 256 << 20
+# NaN/Inf as bit patterns (sign, all-ones exponent): a negative one is at least the first value as an unsigned
+# integer, a positive one at least the second as a signed one. Two max reductions per chunk, no temporaries.
+NONFINITE_BITS = {
+    "BF16": (2, 0xFF80, 0x7F80),
+    "F16": (2, 0xFC00, 0x7C00),
+    "F32": (4, 0xFF800000, 0x7F800000),
+    "F64": (8, 0xFFF0000000000000, 0x7FF0000000000000),
+}
+SCAN_CHUNK = 1 << 20  # bytes per read, reused: stays in the CPU cache for both reductions
+SCAN_GROUP_BYTES = 256 << 20  # untouched tensors per scan job: the threads share a large single-file model
+
+
+class Writer(Protocol):
+    """Where a kernel puts a tensor's bytes (io/writer.py)."""
+
+    def holds(self, slot: Slot, path: Path, offset: int) -> bool: ...
+    def write(self, slot: Slot, data: memoryview, at: int = 0) -> None: ...
+    def copy(self, slot: Slot, src_fd: int, src_offset: int) -> None: ...
+
+
+Emit = Callable[[int, memoryview], None]  # (byte offset in the tensor, bytes)
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """A tensor of ``shape`` as 2-D rows: (shape[0], the rest); a 1-D tensor is one column, a 0-D one 1 x 1."""
+    if not shape:
+        return 1, 1
+    rows = shape[0]
+    return rows, (math.prod(shape[1:]) if len(shape) > 1 else 1)
+
+
+def block_rows(rows: int, cols: int) -> int:
+    """Rows per block: about ``ROW_BLOCK_BYTES`` of fp32, in even blocks (no tiny last block)."""
+    step = max(1, min(rows, ROW_BLOCK_BYTES // max(1, cols * 4)))
+    blocks = -(-rows // step)
+    return -(-rows // blocks)
+
+
+def reads_base(out: OutputTensor) -> bool:
+    """False when the first edit sets every value (a replacement saved whole): the base is never read."""
+    return not (out.edits and out.edits[0].rows is None and out.edits[0].edit.overwrites)
+
+
+def apply_edits(out: OutputTensor, block: Array, start: int, ops: BlockOps, snapshot: Callable[[Array], Array]) -> None:
+    """Apply ``out``'s edits, in order, to ``block``: its fp32 rows ``start:start+len(block)``, viewed as 2-D.
+
+    An edit on a range of rows gets the part of the block inside its range, in its own row numbering. An edit that
+    reads the unedited rows (DoRA) gets them as they were before the tensor's edits; after a replacement saved
+    whole, the replacement is what the other edits apply on. ``snapshot(block)`` copies the block for that.
+    """
+    stop = start + block.shape[0]
+    edits = out.edits
+    first = 0 if reads_base(out) else 1
+    base = None
+    total = matrix_shape(out.shape)[0]
+    for i, placed in enumerate(edits):
+        if i == first and any(p.edit.needs_base for p in edits[first + 1 :]):
+            base = snapshot(block)  # a later edit changes these rows before the one that needs them unedited
+        low, high = placed.rows or (0, total)
+        lo, hi = max(start, low), min(stop, high)
+        if lo >= hi:
+            continue
+        part = block[lo - start : hi - start]
+        part_base = None if base is None else base[lo - start : hi - start]
+        placed.edit.apply(part, slice(lo - low, hi - low), ops, part_base)
+
+
+def check_range(name: str, values: np.ndarray, dtype: np.dtype) -> None:
+    """A tensor no edit changed but converted to ``dtype``: its finite values must fit (its own NaN/Inf stay, and
+    the scan warns about them)."""
+    limit = FINITE_LIMIT.get(np.dtype(dtype))
+    if limit is None or values.size == 0:
+        return
+    low, high = float(values.min()), float(values.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if max(-low, high) > limit:
+        raise DtypeOverflowError(
+            f"tensor {name!r} reaches {max(-low, high):.4g}, beyond the {short_name(dtype)} range ({limit:.4g}); "
+            "use --dtype bf16 or fp32"
+        )
+
+
+class RowMerger:
+    """One thread's merger: computes tensors in row blocks through buffers it keeps between blocks and tensors."""
+
+    def __init__(self, plan: MergePlan):
+        self.plan = plan
+        self.ops = BlockOps()
+        self._raw = np.empty(0, dtype=np.uint8)  # base rows as read
+        self._block = np.empty(0, dtype=F32)  # fp32 math
+        self._base = np.empty(0, dtype=F32)  # unedited rows, for an edit that needs them after another one
+        self._out = np.empty(0, dtype=np.uint8)  # rounded rows as written
+
+    @staticmethod
+    def _fit(buffer: np.ndarray, size: int) -> np.ndarray:
+        return buffer if buffer.size >= size else np.empty(size, dtype=buffer.dtype)
+
+    def merge(self, out: OutputTensor, emit: Emit, stopped: Callable[[], bool] = lambda: False) -> None:
+        """Compute ``out`` and hand each block's output bytes to ``emit``; ``stopped()`` ends it between blocks."""
+        try:
+            self._merge(out, emit, stopped)
+        finally:
+            self.ops.forget()
+            for name in ("_raw", "_block", "_base", "_out"):
+                buffer = getattr(self, name)
+                if buffer.nbytes > KEEP_BUFFER_BYTES:  # a whole-tensor block: do not keep it
+                    setattr(self, name, np.empty(0, dtype=buffer.dtype))
+
+    def _merge(self, out: OutputTensor, emit: Emit, stopped: Callable[[], bool]) -> None:
+        base, info = self.plan.base, self.plan.base.infos[out.source]
+        rows, cols = matrix_shape(out.shape)
+        if rows * cols == 0:
+            return
+        read = reads_base(out)
+        if read and tuple(info.shape) != tuple(out.shape):
+            raise LorafuseError(f"tensor {out.name!r}: the plan changes its shape without replacing it whole")
+        whole = any(p.edit.whole_tensor for p in out.edits)
+        step = rows if whole else block_rows(rows, cols)
+        out_size = np.dtype(out.dtype).itemsize
+        self._block = self._fit(self._block, step * cols)
+        self._raw = self._fit(self._raw, step * cols * info.dtype.itemsize)
+        if out.dtype != F32:
+            self._out = self._fit(self._out, step * cols * out_size)
+        for start in range(0, rows, step):
+            if stopped():
+                return
+            stop = min(rows, start + step)
+            n = stop - start
+            block = self._block[: n * cols].reshape(n, cols)
+            if read:
+                stored = base.elements(out.source, start * cols, stop * cols, out=self._raw)
+                decode_f32(stored, info.dtype, out=block.reshape(-1))
+                if out.dequant is not None:  # quantized base: stored values -> fp32 (quantized.py)
+                    out.dequant.apply(base, block, start, stop, tuple(info.shape))
+            apply_edits(out, block, start, self.ops, self._snapshot)
+            if out.edits:
+                check_values(out.name, block, out.dtype)
+            else:
+                check_range(out.name, block, out.dtype)
+            if out.dtype == F32:
+                data = block
+            else:
+                data = round_to(block, out.dtype, out=self._out[: n * cols * out_size].view(out.dtype).reshape(n, cols))
+            emit(start * cols * out_size, array_bytes(data))
+
+    def _snapshot(self, block: np.ndarray) -> np.ndarray:
+        self._base = self._fit(self._base, block.size)
+        copy = self._base[: block.size].reshape(block.shape)
+        np.copyto(copy, block)
+        return copy
+
+
+def tensor_array(out: OutputTensor, compute: Callable[[OutputTensor, Emit], None]) -> np.ndarray:
+    """The output tensor ``out`` as a numpy array of its dtype, computed by ``compute(out, emit)``."""
+    result = np.empty(out.nbytes, dtype=np.uint8)
+
+    def emit(at: int, data: memoryview) -> None:
+        result[at : at + len(data)] = np.frombuffer(data, dtype=np.uint8)
+
+    compute(out, emit)
+    return result.view(out.dtype).reshape(out.shape)
+
+
+def compute_tensor(plan: MergePlan, out: OutputTensor, device: str = "cpu") -> np.ndarray:
+    """The output tensor ``out``: base tensor, edits applied in fp32, rounded once to the output dtype (numpy).
+
+    The same computation as a merge writes (``device="cuda"``: the CUDA kernel, engine/cuda.py).
+    """
+    if device != "cpu":
+        check_device(device)
+    if not out.edits and out.dequant is None and out.dtype == plan.base.infos[out.source].dtype:
+        return plan.base.array(out.source)  # copied as it is
+    if device.startswith("cuda") and out.edits:
+        from .cuda import CudaMerger
+
+        return tensor_array(out, CudaMerger(plan, device).merge)
+    return tensor_array(out, RowMerger(plan).merge)
+
+
+# --- the untouched tensors' NaN/Inf scan -------------------------------------------------------------------------
+
+
+def _holds_nonfinite(raw: np.ndarray, code: str) -> bool:
+    size, negative, positive = NONFINITE_BITS[code]
+    unsigned = raw.view(f"<u{size}")
+    return int(unsigned.max()) >= negative or int(unsigned.view(f"<i{size}").max()) >= positive
+
+
+def _scan(plan: MergePlan, names: list[str], stopped: Callable[[], bool]) -> list[str]:
+    """The names of ``names`` (untouched base tensors) that hold NaN or Inf, read in chunks (the prefill copies
+    these bytes with the kernel and never reads them; this reads them once, beside the merge)."""
+    base = plan.base
+    found: list[str] = []
+    buffer = np.empty(SCAN_CHUNK, dtype=np.uint8)
+    for name in names:
+        if stopped():
+            break
+        info = base.infos[name]
+        if info.code not in NONFINITE_BITS or not info.nbytes:
+            continue
+        if info.offset < 0:  # a pickled checkpoint: loaded anyway
+            if _holds_nonfinite(base.array(name).reshape(-1).view(np.uint8), info.code):
+                found.append(name)
+            continue
+        chunk = SCAN_CHUNK // info.dtype.itemsize
+        for start in range(0, info.numel, chunk):
+            if stopped():
+                break
+            stop = min(info.numel, start + chunk)
+            if _holds_nonfinite(base.elements(name, start, stop, out=buffer).view(np.uint8), info.code):
+                found.append(name)
+                break
+    return found
+
+
+def _scan_groups(plan: MergePlan) -> list[list[str]]:
+    """The plan's untouched tensors in runs of about ``SCAN_GROUP_BYTES``, in order."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in plan.scan:
+        if size >= SCAN_GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += plan.base.infos[name].nbytes
+    return [g for g in groups if g]
+
+
+def _open_base_files(plan: MergePlan) -> None:
+    """Open every base file here, on one thread: Checkpoint.fd is not meant to race (and every read goes through
+    it)."""
+    for path in dict.fromkeys(info.path for info in plan.base.infos.values()):
+        plan.base.fd(path)
+
+
+def find_nonfinite(plan: MergePlan) -> list[str]:
+    """The plan's untouched base tensors that hold NaN or Inf (what :func:`run` finds beside the merge; for a dry
+    run, which writes nothing)."""
+    groups = _scan_groups(plan)
+    if not groups:
+        return []
+    _open_base_files(plan)
+    with ThreadPoolExecutor(min(math_threads(), len(groups)), "lorafuse-scan") as pool:
+        return [name for found in pool.map(lambda group: _scan(plan, group, lambda: False), groups) for name in found]
+
+
+# --- the job loop ------------------------------------------------------------------------------------------------
+
+
+def copied(out: OutputTensor, plan: MergePlan) -> bool:
+    """True when the output tensor is the base tensor's bytes as they are (nothing to compute)."""
+    info = plan.base.infos[out.source]
+    return not out.edits and out.dequant is None and out.dtype == info.dtype and tuple(out.shape) == info.shape
+
+
+def run(
+    plan: MergePlan,
+    writer: Writer,
+    slots: dict[str, Slot],
+    progress: Callable[[int], None] | None = None,
+    device: str = "cpu",
+) -> list[str]:
+    """Write every tensor of ``plan`` into ``writer`` (at ``slots``); returns the untouched base tensors that hold
+    NaN or Inf (the plan's ``scan``).
+
+    ``device="cuda"``: touched tensors are merged whole on the GPU (engine/cuda.py), two at a time (one is read
+    while the other is on the GPU); the rest as on the CPU.
+    """
+    from ..blas_threads import BlasPool
+
+    base = plan.base
+    gpu = device.startswith("cuda")
+    _open_base_files(plan)
+    failed = threading.Event()
+    lock = threading.Lock()
+    local = threading.local()
+
+    def done(nbytes: int) -> None:
+        if progress is not None:
+            with lock:
+                progress(nbytes)
+
+    def merger(out: OutputTensor) -> Any:
+        kind = "gpu" if gpu and out.edits else "cpu"
+        if not hasattr(local, kind):
+            if kind == "gpu":
+                from .cuda import CudaMerger
+
+                setattr(local, kind, CudaMerger(plan, device))
+            else:
+                setattr(local, kind, RowMerger(plan))
+        return getattr(local, kind)
+
+    def job(body: Callable[..., Any]) -> Callable[..., Any]:
+        """``body`` as a pool job: skipped once a job failed, and a failure stops the others at once."""
+
+        def run_body(*args: Any) -> Any:
+            if failed.is_set():
+                return []
+            try:
+                return body(*args)
+            except BaseException:
+                failed.set()
+                raise
+
+        return run_body
+
+    @job
+    def merge_job(out: OutputTensor, slot: Slot) -> None:
+        merger(out).merge(out, lambda at, data: writer.write(slot, data, at), failed.is_set)
+        done(slot.nbytes)
+
+    @job
+    def copy_job(out: OutputTensor, slot: Slot) -> None:
+        info = base.infos[out.source]
+        if info.offset >= 0:
+            writer.copy(slot, base.fd(info.path), info.offset)
+        elif slot.nbytes:
+            writer.write(slot, array_bytes(base.array(out.source)))
+        done(slot.nbytes)
+
+    threads = 2 if gpu else math_threads()
+    pool = ThreadPoolExecutor(threads, "lorafuse-math")
+    jobs: list[Future] = []
+    scans: list[Future] = []
+    try:
+        with BlasPool().one_thread():
+            for out in plan.tensors:
+                slot, info = slots[out.name], base.infos[out.source]
+                if copied(out, plan):
+                    if writer.holds(slot, info.path, info.offset):
+                        done(slot.nbytes)  # already in place
+                        continue
+                    jobs.append(pool.submit(copy_job, out, slot))
+                else:
+                    jobs.append(pool.submit(merge_job, out, slot))
+            scans = [pool.submit(job(_scan), plan, group, failed.is_set) for group in _scan_groups(plan)]
+            finished, _ = wait(jobs + scans, return_when=FIRST_EXCEPTION)
+            errors = [f.exception() for f in jobs + scans if f in finished and f.exception() is not None]
+            if errors:
+                raise errors[0]
+    except BaseException as exc:
+        failed.set()  # running jobs stop at their next block; the rest never start
+        pool.shutdown(wait=True, cancel_futures=True)
+        if isinstance(exc, (LorafuseError, KeyboardInterrupt)):
+            raise
+        # One line; AtomicOutput names the output and the fix of an OSError behind it (io/output.py).
+        raise LorafuseError(f"writing the merged model failed: {exc}") from exc
+    pool.shutdown(wait=True)
+    return [name for scan in scans for name in scan.result()]

@@ -1,0 +1,71 @@
+"""kohya / sd-scripts flattened module names mapped onto a base model's dotted names.
+
+Names such as ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`` flatten a module path with
+underscores, which cannot be undone from the name alone (``down_blocks`` holds an underscore too). They are
+mapped onto the base model by flattening the base's own module names the same way: a name matches a base module
+whose flattened path equals it, or ends with it at a component boundary (the base may carry a head prefix such
+as ``unet.`` or ``model.diffusion_model.``). No match, or several, is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+
+from ..errors import AdapterError
+
+PREFIX_RE = re.compile(r"^lora_(?P<part>[A-Za-z]+\d*)_(?P<rest>.+)$")
+# What lorafuse writes: kohya's UNet prefix before the flattened module path.
+WRITE_PREFIX = "lora_unet_"
+# Which base component a kohya prefix points at, to tell apart e.g. the two text encoders of SDXL.
+PART_HINTS = {
+    "unet": ("unet", "diffusion_model"),
+    "te": ("text_encoder", "cond_stage_model"),
+    "te1": ("text_encoder",),
+    "te2": ("text_encoder_2",),
+    "te3": ("text_encoder_3",),
+    "transformer": ("transformer",),
+}
+
+
+class KohyaNames:
+    """Maps flattened kohya module names onto dotted base module names."""
+
+    def __init__(self, base_keys: Iterable[str]):
+        # flattened suffix -> [(module, leading components removed)]
+        self._index: dict[str, list[tuple[str, tuple[str, ...]]]] = defaultdict(list)
+        for module in dict.fromkeys(key.rpartition(".")[0] for key in base_keys):
+            if not module:
+                continue
+            parts = module.split(".")
+            for i in range(len(parts)):
+                self._index["_".join(parts[i:])].append((".".join(parts), tuple(parts[:i])))
+
+    def resolve(self, name: str, key: str) -> str:
+        """The dotted base module for kohya module ``name`` (``key`` names the tensor in errors); ``name`` itself
+        when no base module matches."""
+        match = PREFIX_RE.match(name)
+        part, rest = (match["part"], match["rest"]) if match else ("", name)
+        candidates = self._index.get(rest) or self._index.get(name) or []
+        modules = sorted({m for m, _lead in candidates})
+        if len(modules) > 1:
+            exact = sorted({m for m, lead in candidates if not lead})
+            hints = PART_HINTS.get(part, ())
+            hinted = sorted({m for m, lead in candidates if any(h in lead for h in hints)})
+            modules = exact if len(exact) == 1 else hinted if len(hinted) == 1 else modules
+        if len(modules) == 1:
+            return modules[0]
+        if not modules:
+            # Left to the plan, which refuses it naming the key, or skips it with --allow-unmatched (a text
+            # encoder's LoRAs merged into a UNet alone). The undotted name matches no base tensor.
+            return name
+        raise AdapterError(
+            f"kohya tensor {key!r} matches several base tensors ({', '.join(modules[:3])}); "
+            "merge into a model folder that holds only the component the LoRA was trained for"
+        )
+
+
+def flatten(module: str) -> str:
+    """The kohya name lorafuse writes for dotted base module ``module``."""
+    return WRITE_PREFIX + module.replace(".", "_")
