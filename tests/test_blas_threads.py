@@ -40,7 +40,7 @@ def two_cpus(monkeypatch):
         pytest.skip("numpy's BLAS pool has one thread here")
     monkeypatch.delenv("LORAFUSE_CPUS", raising=False)
     monkeypatch.setattr(blas_threads.cpus, "usable_cpus", lambda: 2)
-    monkeypatch.setattr(blas_threads, "_mask", lambda: {0, 1})
+    monkeypatch.setattr(blas_threads.cpus, "affinity_mask", lambda: {0, 1})
     state = {"wall": 100.0, "own": 5.0, "idle": 1000.0, "total": 4000.0}
     monkeypatch.setattr(blas_threads, "time", SimpleNamespace(monotonic=lambda: state["wall"]))
     monkeypatch.setattr(

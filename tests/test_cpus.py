@@ -58,6 +58,13 @@ def test_usable_cpus_takes_quota_and_affinity(monkeypatch):
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this platform")
 def test_affinity_is_the_process_mask():
     assert cpus._affinity() == len(os.sched_getaffinity(0))
+    assert cpus.affinity_mask() == set(os.sched_getaffinity(0))
+
+
+def test_fixed_cpus_takes_positive_integers_only(monkeypatch):
+    for value, expected in (("3", 3), ("0", None), ("-1", None), ("two", None), ("", None)):
+        monkeypatch.setenv("LORAFUSE_CPUS", value)
+        assert cpus.fixed_cpus() == expected, value
 
 
 def test_calm_thread_pools_keeps_what_the_user_set(monkeypatch):
@@ -71,21 +78,6 @@ def test_calm_thread_pools_keeps_what_the_user_set(monkeypatch):
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
-def test_free_cpus_counts_idle_time_of_the_usable_cpus(monkeypatch):
-    monkeypatch.delenv("LORAFUSE_CPUS", raising=False)
-    monkeypatch.setattr(cpus, "usable_cpus", lambda: 4)
-    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    samples = iter([(100.0, 400.0), (150.0, 600.0)])  # 50 of 200 jiffies idle over 4 CPUs: one CPU free
-    monkeypatch.setattr(cpus, "_cpu_times", lambda mask: next(samples))
-    assert cpus.free_cpus(0) == 1
-    samples = iter([(0.0, 0.0), (0.0, 400.0)])  # all busy: still one thread
-    monkeypatch.setattr(cpus, "_cpu_times", lambda mask: next(samples))
-    assert cpus.free_cpus(0) == 1
-    samples = iter([(0.0, 0.0), (400.0, 400.0)])
-    monkeypatch.setattr(cpus, "_cpu_times", lambda mask: next(samples))
-    assert cpus.free_cpus(0) == 4
-
-
 def test_cpu_times_reads_proc_stat():
-    idle, total = cpus._cpu_times(None)
+    idle, total = cpus.cpu_times(None)
     assert 0 < idle <= total

@@ -538,3 +538,15 @@ def test_read_errors_of_the_config_are_input_errors(tmp_path):
     (tmp_path / "adapter_config.json").write_bytes(b"\xff\xfe{")
     with pytest.raises(InputError, match="not valid JSON"):
         load_config(tmp_path / "adapter_config.json")
+
+
+def test_a_shard_size_too_large_for_a_float_is_one_line(tmp_path):
+    """400 digits read as inf; int(inf) raised OverflowError, a traceback."""
+    from hostile import assert_no_litter, assert_refused, run_command
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "tiny"
+    size = "9" * 400 + "GB"
+    result = run_command("lorafuse", "merge", example / "base", example / "adapter", "-o", tmp_path / "out",
+                         "--max-shard-size", size)
+    assert_refused(result, "cannot read size")
+    assert_no_litter(tmp_path)

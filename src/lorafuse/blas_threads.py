@@ -41,18 +41,11 @@ def free_threads(cap: int, idle_cpus: float, own_cpus: float) -> int:
 def _sample(mask: set[int] | None) -> tuple[float, float, float, float] | None:
     """(wall s, this process's CPU s, idle jiffies, total jiffies of ``mask``'s CPUs) now; None without /proc/stat."""
     try:
-        idle, total = cpus._cpu_times(mask)
+        idle, total = cpus.cpu_times(mask)
     except (OSError, ValueError):
         return None
     own = os.times()
     return time.monotonic(), own.user + own.system, idle, total
-
-
-def _mask() -> set[int] | None:
-    try:
-        return set(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return None
 
 
 class BlasPool:
@@ -69,9 +62,8 @@ class BlasPool:
         self._blas = ThreadpoolController().select(user_api="blas")
         pool = max((lib.num_threads for lib in self._blas.lib_controllers), default=1)
         self.cap = max(1, min(cpus.usable_cpus(), pool))
-        fixed = os.environ.get("LORAFUSE_CPUS", "")
-        self._fixed = self.cap == 1 or (fixed.isdigit() and int(fixed) > 0)
-        self._mask = _mask()
+        self._fixed = self.cap == 1 or cpus.fixed_cpus() is not None
+        self._mask = cpus.affinity_mask()
         self._threads = self.cap
         self._decided = False
         self._last = None if self._fixed else _sample(self._mask)

@@ -17,11 +17,23 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 POOL_SIZE_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def _affinity() -> int:
+def affinity_mask() -> set[int] | None:
+    """The CPUs this process may run on, or None where the platform cannot say (not Linux)."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def _affinity() -> int:
+    mask = affinity_mask()
+    return len(mask) if mask else (os.cpu_count() or 1)
+
+
+def fixed_cpus() -> int | None:
+    """The CPU count ``LORAFUSE_CPUS`` fixes (a positive integer), or None when it is unset or not one."""
+    value = os.environ.get("LORAFUSE_CPUS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def _cgroup_v2_limit(root: Path, proc_cgroup: Path) -> float | None:
@@ -71,9 +83,9 @@ def usable_cpus() -> int:
 
     ``LORAFUSE_CPUS`` overrides (a positive integer).
     """
-    value = os.environ.get("LORAFUSE_CPUS", "")
-    if value.isdigit() and int(value) > 0:
-        return int(value)
+    fixed = fixed_cpus()
+    if fixed is not None:
+        return fixed
     cpus = _affinity()
     quota = cgroup_cpu_limit()
     if quota is not None:
@@ -94,7 +106,7 @@ def calm_thread_pools() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _cpu_times(cpus: set[int] | None) -> tuple[float, float]:
+def cpu_times(cpus: set[int] | None) -> tuple[float, float]:
     """(idle, total) jiffies summed over ``cpus`` (all when None), from /proc/stat."""
     idle = total = 0.0
     with open("/proc/stat") as handle:
@@ -108,31 +120,3 @@ def _cpu_times(cpus: set[int] | None) -> tuple[float, float]:
             idle += values[3] + values[4]  # idle + iowait
             total += sum(values)
     return idle, total
-
-
-def free_cpus(sample_seconds: float = 0.05) -> int:
-    """How many of the usable CPUs are idle right now (sampled for ``sample_seconds``), at least 1.
-
-    For gang-scheduled pools (OpenMP, BLAS), whose every parallel region waits for its slowest thread: a thread
-    sharing a CPU with a busy process makes each region wait for the scheduler, so such pools are sized to the
-    CPUs that are free, not to those that exist. ``LORAFUSE_CPUS`` overrides, as for :func:`usable_cpus`.
-    """
-    import time
-
-    usable = usable_cpus()
-    if os.environ.get("LORAFUSE_CPUS", "").isdigit() or usable == 1:
-        return usable
-    try:
-        mask = set(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        mask = None
-    try:
-        idle0, total0 = _cpu_times(mask)
-        time.sleep(sample_seconds)
-        idle1, total1 = _cpu_times(mask)
-    except (OSError, ValueError):
-        return usable
-    if total1 <= total0:
-        return usable
-    idle_cpus = (idle1 - idle0) / (total1 - total0) * (len(mask) if mask else (os.cpu_count() or 1))
-    return max(1, min(usable, round(idle_cpus)))

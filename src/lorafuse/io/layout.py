@@ -7,6 +7,7 @@ read) lay out shards with these functions, so the two agree byte for byte.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -40,7 +41,10 @@ def parse_size(size: str | int) -> int:
     match = SIZE_RE.match(str(size))
     if not match or (match.group(2) or "").upper() not in UNITS:
         raise LorafuseError(f"cannot read size {size!r}: use a number with a unit, e.g. 5GB or 500MB")
-    return int(float(match.group(1)) * UNITS[(match.group(2) or "").upper()])
+    value = float(match.group(1)) * UNITS[(match.group(2) or "").upper()]
+    if not math.isfinite(value):  # 400 digits read as inf: int() would raise OverflowError
+        raise LorafuseError(f"cannot read size {size!r}: use a number with a unit, e.g. 5GB or 500MB")
+    return int(value)
 
 
 @dataclass
