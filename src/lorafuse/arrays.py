@@ -129,14 +129,21 @@ def round_to(values: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None)
     return out
 
 
-def check_values(name: str, values: np.ndarray, dtype: np.dtype) -> None:
-    """NaN/Inf in fp32 ``values``, or a value beyond ``dtype``'s range, is an error naming tensor ``name``."""
+def check_values(name: str, values: np.ndarray, dtype: np.dtype, nonfinite_ok: bool = False) -> None:
+    """NaN/Inf in fp32 ``values``, or a value beyond ``dtype``'s range, is an error naming tensor ``name``.
+
+    ``nonfinite_ok``: a tensor no edit changed, only converted: its own NaN/Inf stay (the base scan warns about
+    them), and only its finite values must fit.
+    """
     if values.size == 0:
         return
     # One pass each, no mask: NaN propagates into min and max, Inf shows as one of them.
     low, high = float(values.min()), float(values.max())
     if not (math.isfinite(low) and math.isfinite(high)):
-        raise NonFiniteError(f"merged tensor {name!r} has NaN or Inf; check the adapters' weights and scales")
+        if not nonfinite_ok:
+            raise NonFiniteError(f"merged tensor {name!r} has NaN or Inf; check the adapters' weights and scales")
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
     limit = FINITE_LIMIT.get(np.dtype(dtype))
     if limit is not None and max(-low, high) > limit:
         raise DtypeOverflowError(

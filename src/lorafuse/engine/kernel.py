@@ -28,9 +28,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..arrays import F32, FINITE_LIMIT, check_values, decode_f32, round_to, short_name
+from ..arrays import F32, check_values, decode_f32, round_to
 from ..edits import Array, BlockOps
-from ..errors import DtypeOverflowError, LorafuseError
+from ..errors import LorafuseError
 from ..io.layout import Slot
 from ..io.writer import array_bytes
 from ..math_threads import math_threads
@@ -109,23 +109,6 @@ def apply_edits(out: OutputTensor, block: Array, start: int, ops: BlockOps, snap
         placed.edit.apply(part, slice(lo - low, hi - low), ops, part_base)
 
 
-def check_range(name: str, values: np.ndarray, dtype: np.dtype) -> None:
-    """A tensor no edit changed but converted to ``dtype``: its finite values must fit (its own NaN/Inf stay, and
-    the scan warns about them)."""
-    limit = FINITE_LIMIT.get(np.dtype(dtype))
-    if limit is None or values.size == 0:
-        return
-    low, high = float(values.min()), float(values.max())
-    if not (math.isfinite(low) and math.isfinite(high)):
-        finite = values[np.isfinite(values)]
-        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    if max(-low, high) > limit:
-        raise DtypeOverflowError(
-            f"tensor {name!r} reaches {max(-low, high):.4g}, beyond the {short_name(dtype)} range ({limit:.4g}); "
-            "use --dtype bf16 or fp32"
-        )
-
-
 class RowMerger:
     """One thread's merger: computes tensors in row blocks through buffers it keeps between blocks and tensors."""
 
@@ -182,7 +165,7 @@ class RowMerger:
             if out.edits:
                 check_values(out.name, block, out.dtype)
             else:
-                check_range(out.name, block, out.dtype)
+                check_values(out.name, block, out.dtype, nonfinite_ok=True)
             if out.dtype == F32:
                 data = block
             else:
