@@ -19,11 +19,11 @@ from safetensors.torch import load_file, save_file
 
 import lorafuse
 import lorafuse.extract as extract_module
-from lorafuse.arrays import BF16
+from lorafuse.arrays import BF16, frobenius_norm
 from lorafuse.blas_threads import BlasPool
 from lorafuse.cli import main
 from lorafuse.errors import LorafuseError
-from lorafuse.extract import AUTO_TOLERANCE, extract, frobenius_norm, low_rank, predicted_excess
+from lorafuse.extract import AUTO_TOLERANCE, extract, low_rank, predicted_excess
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 

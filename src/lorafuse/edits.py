@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .arrays import F32, decode_f32
+from .arrays import F32, decode_f32, frobenius_norm
 from .errors import AdapterError, NonFiniteError
 from .io.checkpoint import Checkpoint
 from .peft_flags import finite_number
@@ -60,12 +60,6 @@ def require_finite(ref: TensorRef, values: np.ndarray) -> np.ndarray:
     if values.size and not np.isfinite(values.min() + values.max()):  # NaN propagates; Inf shows (or overflows)
         raise NonFiniteError(f"{ref.file}: tensor {ref.name!r} holds NaN or Inf; the adapter is broken")
     return values
-
-
-def frobenius(values: np.ndarray) -> float:
-    """The Frobenius norm of ``values``, summed in fp64 (a sum of many squares loses digits in fp32)."""
-    flat = values.reshape(-1).astype(np.float64)
-    return float(np.sqrt(flat @ flat))
 
 
 def lora_rank_error(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> str | None:
@@ -395,7 +389,7 @@ class FullDiff(Edit):
         return not load(self.D).any()
 
     def delta_norm(self, load: Callable[[TensorRef], np.ndarray] = TensorRef.load) -> float | None:
-        return frobenius(load(self.D)) * abs(self.alpha)
+        return frobenius_norm(np.asarray(load(self.D), dtype=F32)) * abs(self.alpha)
 
 
 @dataclass(frozen=True)
@@ -515,7 +509,7 @@ class BiasDelta(Edit):
         return not load(self.b).any()
 
     def delta_norm(self, load: Callable[[TensorRef], np.ndarray] = TensorRef.load) -> float | None:
-        return frobenius(load(self.b)) * abs(self.scale)
+        return frobenius_norm(np.asarray(load(self.b), dtype=F32)) * abs(self.scale)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,18 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__
-from .arrays import F32, F64, decode_f32, dtype_of, is_float, parse_dtype, round_to, short_name
+from .arrays import (
+    F32,
+    F64,
+    decode_f32,
+    dtype_of,
+    frobenius_norm,
+    is_float,
+    parse_dtype,
+    round_to,
+    short_name,
+    squared_norm,
+)
 from .blas_threads import BlasPool
 from .conv1d import is_conv1d_weight
 from .errors import AdapterError, LorafuseError, NonFiniteError
@@ -46,7 +57,6 @@ PICKLE_OUTPUT_SUFFIXES = (".pt", ".pth")
 PEFT_PREFIX = "base_model.model."
 COMPARE_CHUNK = 32 << 20  # tensors up to this size are read whole, once, for the comparison and the difference
 DIFF_SLICE = 1 << 20  # elements converted, differenced and summed at a time (stays in cache between the steps)
-NORM_ROW = 128  # elements per fp32 partial sum of squares (squared_norm)
 PRODUCT_STEP = 64  # rows or columns: the products with the whole matrix are split over threads in multiples of this
 FIRST_CHUNK = 1 << 20  # larger ones are compared in chunks, the first one small: a changed tensor differs early
 
@@ -339,24 +349,6 @@ def _randomized_svd(
         else:
             basis = ops.qr(product.T if on_left else product)
         on_left = not on_left
-
-
-def squared_norm(values: np.ndarray) -> float:
-    """``||values||_F^2`` to about 1e-8 relative at fp32 speed: fp32 sums of ``NORM_ROW`` squares, added in fp64.
-
-    One fp32 dot product over 12.5M elements was 4.5e-5 off (it would flatter the reported errors); rows of 128
-    were 7e-11 to 4e-9 off, in 1.9 ms, against 8-17 ms for an fp64 sum of every square (rows of 4096: 2e-8 off).
-    """
-    flat = values.reshape(-1)
-    whole = flat.size // NORM_ROW * NORM_ROW
-    rows = flat[:whole].reshape(-1, NORM_ROW)
-    rest = flat[whole:]
-    return float(np.einsum("ij,ij->i", rows, rows).sum(dtype=F64) + np.einsum("i,i->", rest, rest, dtype=F64))
-
-
-def frobenius_norm(values: np.ndarray) -> float:
-    """||values||_F, to about fp64 accuracy (see :func:`squared_norm`)."""
-    return math.sqrt(squared_norm(values))
 
 
 def _tensor_seed(name: str, seed: int) -> int:
