@@ -98,6 +98,17 @@ def make_adapter_repo(root: Path, scaled: Path) -> dict[str, str]:
     return {"url": bare.as_uri(), "v1": first, "main": second, "nested": nested}
 
 
+def adapter_repos(root: Path) -> dict[str, str]:
+    """make_adapter_repo's repository of the tiny adapter and its 2x-scaled copy, with the reference merges of
+    both (``ref_orig``, ``ref_scaled``: the bytes each must merge into)."""
+    scaled = scaled_adapter(root / "scaled")
+    info = make_adapter_repo(root, scaled)
+    info["ref_orig"] = reference(root / "ref-orig")
+    info["ref_scaled"] = reference(root / "ref-scaled", scaled)
+    assert info["ref_orig"] != info["ref_scaled"]
+    return info
+
+
 def lfs_pointer_text(data: bytes) -> str:
     oid = hashlib.sha256(data).hexdigest()
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {len(data)}\n"

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 from hostile import Result, assert_no_litter, assert_refused, run_command, snapshot
-from sources_helpers import ADAPTER, BASE, git, make_adapter_repo, merged_bytes, reference, scaled_adapter
+from sources_helpers import ADAPTER, BASE, adapter_repos, git, merged_bytes
 
 from lorafuse.errors import SourceError
 from lorafuse.sources import git as git_source
@@ -24,10 +24,7 @@ from lorafuse.sources import parse_source
 def repos(tmp_path_factory):
     """The adapter repo of sources_helpers, plus the tiny base as a bare repo and as a local checkout."""
     root = tmp_path_factory.mktemp("hostile-git")
-    scaled = scaled_adapter(root / "scaled")
-    info = make_adapter_repo(root, scaled)
-    info["ref_orig"] = reference(root / "ref-orig")
-    info["ref_scaled"] = reference(root / "ref-scaled", scaled)
+    info = adapter_repos(root)
     bare, work = root / "base.git", root / "base-work"
     git("init", "-q", "--bare", "-b", "main", str(bare))
     shutil.copytree(BASE, work)

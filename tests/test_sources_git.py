@@ -10,12 +10,10 @@ import pytest
 from sources_helpers import (
     ADAPTER,
     BASE,
-    make_adapter_repo,
+    adapter_repos,
     make_lfs_repo,
     make_pointer_repo,
     merged_bytes,
-    reference,
-    scaled_adapter,
 )
 
 import lorafuse
@@ -32,12 +30,8 @@ needs_git_lfs = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory):
     root = tmp_path_factory.mktemp("git")
-    scaled = scaled_adapter(root / "scaled")
-    info = make_adapter_repo(root, scaled)
-    info["ref_orig"] = reference(root / "ref-orig")
-    info["ref_scaled"] = reference(root / "ref-scaled", scaled)
+    info = adapter_repos(root)
     info["pointer_url"] = make_pointer_repo(root)
-    assert info["ref_orig"] != info["ref_scaled"]
     return info
 
 

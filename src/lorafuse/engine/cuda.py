@@ -16,11 +16,10 @@ import numpy as np
 
 from ..arrays import F32, check_values, decode_f32
 from ..edits import BlockOps
-from ..errors import LorafuseError
 from ..io.writer import array_bytes
 from ..plan import MergePlan, OutputTensor
 from ..torch_bridge import require_torch, to_numpy, to_torch, torch_dtype
-from .kernel import Emit, apply_edits, matrix_shape, reads_base
+from .kernel import Emit, apply_edits, matrix_shape, reads_base, require_same_shape
 
 
 class TorchOps(BlockOps):
@@ -67,15 +66,16 @@ class CudaMerger:
         info = base.infos[out.source]
         rows, cols = matrix_shape(out.shape)
         with torch.no_grad():
-            if not reads_base(out):
+            read = reads_base(out)
+            if read:
+                require_same_shape(out, info.shape)
+            if not read:
                 block = torch.empty(rows, cols, dtype=torch.float32, device=self.ops.device)
             elif out.dequant is not None:  # quantized base: dequantized on the host (quantized.py), then moved
                 values = decode_f32(base.array(out.source), info.dtype).reshape(rows, cols)
                 out.dequant.apply(base, values, 0, rows, tuple(info.shape))
                 block = self.ops.array(values.astype(F32, copy=False))
             else:  # moved in its own dtype, converted where the math runs
-                if tuple(info.shape) != tuple(out.shape):
-                    raise LorafuseError(f"tensor {out.name!r}: the plan changes its shape without replacing it whole")
                 block = to_torch(base.array(out.source)).to(self.ops.device).float().reshape(rows, cols)
             if block.numel():
                 apply_edits(out, block, 0, self.ops, lambda b: b.clone())

@@ -109,6 +109,12 @@ def apply_edits(out: OutputTensor, block: Array, start: int, ops: BlockOps, snap
         placed.edit.apply(part, slice(lo - low, hi - low), ops, part_base)
 
 
+def require_same_shape(out: OutputTensor, stored: tuple[int, ...]) -> None:
+    """A tensor computed from the base's rows keeps the base's shape (only a whole replacement may resize it)."""
+    if tuple(stored) != tuple(out.shape):
+        raise LorafuseError(f"tensor {out.name!r}: the plan changes its shape without replacing it whole")
+
+
 class RowMerger:
     """One thread's merger: computes tensors in row blocks through buffers it keeps between blocks and tensors."""
 
@@ -141,8 +147,8 @@ class RowMerger:
         if rows * cols == 0:
             return
         read = reads_base(out)
-        if read and tuple(info.shape) != tuple(out.shape):
-            raise LorafuseError(f"tensor {out.name!r}: the plan changes its shape without replacing it whole")
+        if read:
+            require_same_shape(out, info.shape)
         whole = any(p.edit.whole_tensor for p in out.edits)
         step = rows if whole else block_rows(rows, cols)
         out_size = np.dtype(out.dtype).itemsize
@@ -162,10 +168,7 @@ class RowMerger:
                 if out.dequant is not None:  # quantized base: stored values -> fp32 (quantized.py)
                     out.dequant.apply(base, block, start, stop, tuple(info.shape))
             apply_edits(out, block, start, self.ops, self._snapshot)
-            if out.edits:
-                check_values(out.name, block, out.dtype)
-            else:
-                check_values(out.name, block, out.dtype, nonfinite_ok=True)
+            check_values(out.name, block, out.dtype, nonfinite_ok=not out.edits)
             if out.dtype == F32:
                 data = block
             else:
