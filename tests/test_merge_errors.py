@@ -137,10 +137,10 @@ def _corrupt_header(tmp, base, adapter):
     return bad, [adapter], [], [str(path), "corrupt"]
 
 
-def _not_lora(tmp, base, adapter):
+def _unknown_tuner(tmp, base, adapter):
     bad = _copy(adapter, tmp / "bad")
-    _edit_adapter_config(bad, peft_type="IA3")
-    return base, [bad], [], ["adapter_config.json", "IA3", "LoRA"]
+    _edit_adapter_config(bad, peft_type="NO_SUCH_TUNER")
+    return base, [bad], [], ["adapter_config.json", "NO_SUCH_TUNER", "not a PEFT tuner type lorafuse knows"]
 
 
 def _unknown_lora_key(tmp, base, adapter):
@@ -211,7 +211,7 @@ ERROR_CASES = {
     "truncated-base": _truncated_base,
     "truncated-adapter": _truncated_adapter,
     "corrupt-header": _corrupt_header,
-    "peft-type-not-lora": _not_lora,
+    "peft-type-unknown": _unknown_tuner,
     "unknown-lora-key": _unknown_lora_key,
     "unsupported-config-flag": _unsupported_flag,
     "weights-count-mismatch": _weights_count,

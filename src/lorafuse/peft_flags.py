@@ -179,8 +179,12 @@ def _token_indices(value: Any, source: str) -> list[int] | dict[str, list[int]] 
 
 @dataclass
 class AdapterConfig:
-    """The parts of ``adapter_config.json`` that change merge math, each checked (see :func:`parse_config`)."""
+    """The parts of ``adapter_config.json`` that change merge math, each checked (see :func:`parse_config`).
 
+    The LoRA fields are read for ``peft_type`` LORA only; another tuner reads its own keys from ``raw``.
+    """
+
+    peft_type: str = "LORA"
     r: int = 8
     lora_alpha: float = 8
     use_rslora: bool = False
@@ -222,13 +226,33 @@ class AdapterConfig:
 def parse_config(data: dict[str, Any], source: str) -> AdapterConfig:
     """An ``adapter_config.json`` object checked and read; :class:`AdapterError` names the first bad key.
 
-    Refuses what is not LoRA or changes the base weights, every value of a wrong type (NaN/Inf alphas, ``r`` that
-    is not a positive whole number, flags that are not booleans, bad regular expressions, ...).
+    Refuses an unknown ``peft_type``, LoRA options that change the base weights, every value of a wrong type
+    (NaN/Inf alphas, ``r`` that is not a positive whole number, flags that are not booleans, bad regular
+    expressions, ...).
     """
     peft_type = data.get("peft_type", "LORA")
-    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
-        shown = peft_type if isinstance(peft_type, str) else _shown(peft_type)
-        raise AdapterError(f"{source}: peft_type {shown} is not LoRA; lorafuse merges LoRA adapters only")
+    if not isinstance(peft_type, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", peft_type):
+        raise AdapterError(f"{source}: peft_type {_shown(peft_type)} is not a PEFT tuner type: fix {CONFIG_NAME}")
+    peft_type = peft_type.upper()
+    from .tuners import registered_tuners, tuner_of  # here: the tuners' edits import this module
+
+    if tuner_of(peft_type) is None:
+        known = ", ".join(t.peft_type for t in registered_tuners())
+        raise AdapterError(
+            f"{source}: peft_type {peft_type} is not a PEFT tuner type lorafuse knows ({known}); "
+            "merge it with PEFT's merge_and_unload()"
+        )
+    if peft_type != "LORA":  # the other tuners' keys are read and checked by their own modules (tuners/)
+        return AdapterConfig(
+            peft_type=peft_type,
+            target_modules=_target_modules(data.get("target_modules"), source),
+            modules_to_save=_names(data, "modules_to_save", source),
+            base_model_name_or_path=_optional_str(data, "base_model_name_or_path", source),
+            revision=_optional_str(data, "revision", source),
+            trainable_token_indices=_token_indices(data.get("trainable_token_indices"), source),
+            fan_in_fan_out=_flag(data, "fan_in_fan_out", source),
+            raw=data,
+        )
     for flag in UNSUPPORTED_FLAGS:
         if data.get(flag) not in (None, False, [], {}, 0):
             raise AdapterError(f"{source}: '{flag}' is not supported by lorafuse; merge this adapter with PEFT")
@@ -251,6 +275,7 @@ def parse_config(data: dict[str, Any], source: str) -> AdapterConfig:
         return positive_int(value, what, RANK_FIX)
 
     return AdapterConfig(
+        peft_type="LORA",
         r=rank(data.get("r", 8), f"{source}: r"),
         lora_alpha=alpha(data.get("lora_alpha", 8), f"{source}: lora_alpha"),
         use_rslora=flags["use_rslora"],

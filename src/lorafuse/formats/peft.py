@@ -8,11 +8,10 @@ Reproduces the semantics of PEFT's ``merge_and_unload()`` for LoRA: scaling alph
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..edits import BiasDelta, DoraDelta, Edit, LoraDelta, Replace, RowReplace, TargetedEdit, TensorRef, lora_rank_error
+from ..edits import Replace, RowReplace, TargetedEdit, TensorRef
 from ..errors import AdapterError, InputError
 from ..io.checkpoint import Checkpoint
 from ..io.model_files import real_path
@@ -20,18 +19,16 @@ from ..io.model_files import real_path
 # The config is read and checked by the one reader of adapter configs.
 from ..peft_flags import CONFIG_NAME, AdapterConfig, load_config
 from ..plan import EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING, AdapterInput
+from ..tuners import TunerInput, group_tensors, tuner_of
 from .peft_writer import write_peft_adapter
 from .registry import AdapterFormat, ReadContext, StoredNames, register_format
 from .single import PEFT_PREFIX, adapter_keys
 
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "pytorch_model.bin")
 
-# lora_A / lora_B (Linear, Conv) and lora_embedding_A/B, with an optional adapter name PEFT sometimes keeps.
-LORA_KEY_RE = re.compile(
-    r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
-    # the adapter name is never "weight"/"bias": those are the parameter (lora_B.bias must not read as an adapter)
-    r"(?:\.(?!(?:weight|bias)$)(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$"
-)
+# Parameter-name stems of PEFT tuners: a tensor holding one that its tuner did not claim is refused, not taken for
+# a saved module (a LoRA tensor in an IA3 adapter, a parameter lorafuse does not know).
+TUNER_MARKS = ("lora_", "hada_", "lokr_", "ia3_", "oft_", "boft_", "vera_", "fourierft_", "hra_", "vblora_")
 # PEFT trainable tokens (trainable_token_indices): the trained rows of an embedding, replacing the base's rows.
 TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"
 
@@ -81,19 +78,18 @@ def read_peft_adapter(
 def edits_from_state(
     checkpoint: Checkpoint, config: AdapterConfig, label: str, source: str
 ) -> tuple[list[TargetedEdit], dict[str, int]]:
-    """Group a PEFT state dict by module and turn each group into edits."""
-    groups: dict[str, dict[str, str]] = {}
+    """Group a PEFT state dict by module with the config's tuner type (tuners/) and turn it into edits.
+
+    Tensors no tuner parameter names are PEFT's saved modules: trainable tokens (rows of an embedding),
+    ``modules_to_save``, trained biases and saved base layers (replacing the base tensor).
+    """
+    tuner = tuner_of(config.peft_type)
+    assert tuner is not None, "parse_config refuses tuner types nobody registered"
+    names = [(strip_peft_prefix(key), key) for key in checkpoint.keys()]
+    modules, shared, rest = group_tensors(names, tuner, source)
     edits: list[TargetedEdit] = []
-    for key in checkpoint.keys():
+    for key in rest:
         name = strip_peft_prefix(key)
-        match = LORA_KEY_RE.match(name)
-        if match:
-            slot = match["kind"] + (".bias" if match["param"] == "bias" else "")
-            group = groups.setdefault(match["module"], {})
-            if slot in group:  # e.g. two adapter names saved in one file: never pick one silently
-                raise AdapterError(f"{source}: {group[slot]!r} and {key!r} are the same LoRA tensor; keep one adapter")
-            group[slot] = key
-            continue
         if name.endswith(TOKEN_DELTA):
             module = name[: -len(TOKEN_DELTA)]
             indices = config.token_indices(module, source)
@@ -104,8 +100,8 @@ def edits_from_state(
                 )
             )
             continue
-        if "lora_" in name or "trainable_tokens" in name:
-            raise AdapterError(f"{source}: tensor {key!r} is not a LoRA tensor lorafuse understands")
+        if any(p in name for p in TUNER_MARKS) or "trainable_tokens" in name:
+            raise AdapterError(f"{source}: tensor {key!r} is not a {tuner.peft_type} tensor lorafuse understands")
         if ".original_module." in name:
             # bias="all" also saves the untrained copy a modules_to_save wrapper keeps; PEFT's merge drops it.
             continue
@@ -113,61 +109,9 @@ def edits_from_state(
         target = name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
         saved = Replace(TensorRef(checkpoint, key), base_copy=".base_layer." in name, adapter=label, source_key=key)
         edits.append(TargetedEdit(target, saved))
-    modules: dict[str, int] = {}
-    for module, slots in groups.items():
-        module_edits = _module_edits(module, slots, checkpoint, config, label, source)
-        modules[module] = module_edits[0].edit.rank  # type: ignore[attr-defined]
-        edits.extend(module_edits)
-    return edits, modules
-
-
-def _module_edits(
-    module: str, slots: dict[str, str], checkpoint: Checkpoint, config: AdapterConfig, label: str, source: str
-) -> list[TargetedEdit]:
-    embedding = "lora_embedding_A" in slots or "lora_embedding_B" in slots
-    a_key = slots.get("lora_embedding_A" if embedding else "lora_A")
-    b_key = slots.get("lora_embedding_B" if embedding else "lora_B")
-    if a_key is None or b_key is None:
-        missing = "A" if a_key is None else "B"
-        raise AdapterError(f"{source}: module {module!r} has no lora_{missing} tensor; the adapter file is incomplete")
-    a_ref, b_ref = TensorRef(checkpoint, a_key), TensorRef(checkpoint, b_key)
-    err = lora_rank_error(a_ref.shape, b_ref.shape)
-    if err:  # before the scale: rank 0 would divide by zero
-        raise AdapterError(f"{source}: module {module!r}: {err}; the adapter file is broken")
-    rank = a_ref.shape[0]
-    scale = config.scaling(module, rank)
-    if embedding:
-        layout, output_dim = "transposed", 1
-    elif len(a_ref.shape) > 2:
-        layout, output_dim = "conv", 0
-    elif config.fan_in_fan_out:
-        layout, output_dim = "transposed", 1
-    else:
-        layout, output_dim = "linear", 0
-    magnitude_key = slots.get("lora_magnitude_vector") or slots.get("lora_magnitude_vector.bias")
-    edit: Edit
-    if magnitude_key is not None:
-        edit = DoraDelta(
-            a_ref,
-            b_ref,
-            scale,
-            layout,
-            magnitude=TensorRef(checkpoint, magnitude_key),
-            output_dim=output_dim,
-            adapter=label,
-            source_key=b_key,
-        )
-    else:
-        edit = LoraDelta(a_ref, b_ref, scale, layout, adapter=label, source_key=b_key)
-    out = [TargetedEdit(f"{module}.weight", edit)]
-    bias_key = slots.get("lora_B.bias") or slots.get("lora_embedding_B.bias")
-    if bias_key is not None:
-        out.append(
-            TargetedEdit(
-                f"{module}.bias", BiasDelta(TensorRef(checkpoint, bias_key), scale, adapter=label, source_key=bias_key)
-            )
-        )
-    return out
+    tuner_edits, sizes = tuner.read(TunerInput(checkpoint, config, modules, label, source, shared))
+    edits.extend(tuner_edits)
+    return edits, sizes
 
 
 def sniff(path: Path) -> bool:

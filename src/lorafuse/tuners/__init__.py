@@ -1,0 +1,9 @@
+"""PEFT tuner types, one module each, registered in :mod:`.registry` (see there). Importing this package registers
+the built-in ones."""
+
+from __future__ import annotations
+
+from . import lora  # noqa: F401
+from .registry import Tuner, TunerInput, group_tensors, register_tuner, registered_tuners, tuner_of
+
+__all__ = ["Tuner", "TunerInput", "group_tensors", "register_tuner", "registered_tuners", "tuner_of"]
