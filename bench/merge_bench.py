@@ -12,7 +12,7 @@ Everything runs with a warm page cache: the inputs are read once before timing, 
 output are synced (outside the timing) before each command, so each command starts from the same state. Usage::
 
     python bench/merge_bench.py [--scale 2] [--layers N] [--repeat 3] [--skip-peft] [--skip-dora] [--load]
-                                [--variants] [--only NAMES] [--json FILE]
+                                [--variants] [--tuners] [--only NAMES] [--json FILE]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from safetensors.numpy import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CACHE, CommandFailed, lorafuse_command, run_measured, warm  # noqa: E402
+from tuner_adapters import ensure_tuner_adapter  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "examples" / "tiny"
@@ -54,6 +55,10 @@ MAX_X_CP = 1.3  # lorafuse merge (CLI and API) / cp -r
 MAX_RSS_MB = 200  # peak RSS of every lorafuse merge, in MB (10**6 bytes)
 MAX_X_LORA = 1.5  # DoRA merge / LoRA merge
 MAX_X_ONE_THREAD = 1.5  # default threads / one thread, beside one CPU-bound process
+# Issue 12's targets: LoHa, LoKr and IA3 merges against the plain LoRA merge of the same repetition.
+TUNERS = ("loha", "lokr", "ia3")
+MAX_X_LORA_TUNER = 1.5
+MAX_RSS_TUNER_MB = 200
 
 PEFT_SCRIPT = """
 import sys, torch
@@ -281,7 +286,14 @@ class Variant:
     missing: str | None = None  # why it is n/a
 
 
-def build_variants(args: argparse.Namespace, base: Path, adapter: Path, dora: Path | None, out: Path) -> list[Variant]:
+def build_variants(
+    args: argparse.Namespace,
+    base: Path,
+    adapter: Path,
+    dora: Path | None,
+    out: Path,
+    tuners: dict[str, Path] | None = None,
+) -> list[Variant]:
     """Every variant the options ask for, in the order each repetition runs them."""
     cli = [*lorafuse_command(), "merge"]
     merge_cli = [*cli, str(base), str(adapter), "-o", str(out)]
@@ -301,6 +313,18 @@ def build_variants(args: argparse.Namespace, base: Path, adapter: Path, dora: Pa
         dora_cli = [*cli, str(base), str(dora), "-o", str(out)]
         found.append(
             Variant("dora", "lorafuse merge BASE DORA", dora_cli, reference="cli", max_x_ref=MAX_X_LORA, **bound)
+        )
+    for kind, folder in (tuners or {}).items():
+        tuner_cli = [*cli, str(base), str(folder), "-o", str(out)]
+        found.append(
+            Variant(
+                kind,
+                f"lorafuse merge BASE {kind.upper()}",
+                tuner_cli,
+                reference="cli",
+                max_x_ref=MAX_X_LORA_TUNER,
+                max_rss_mb=MAX_RSS_TUNER_MB,
+            )
         )
     if not args.skip_peft:
         peft = [sys.executable, "-c", PEFT_SCRIPT, str(base)]
@@ -471,25 +495,31 @@ def main() -> None:
     parser.add_argument(
         "--variants", action="store_true", help="also merge without the prefill, with one math thread, torch engine"
     )
+    parser.add_argument("--tuners", action="store_true", help="also merge LoHa, LoKr and IA3 adapters (issue 12)")
     parser.add_argument("--only", help="comma-separated variants to run (plus cp -r and their references)")
     parser.add_argument("--json", type=Path, help="also write every number to this file")
     args = parser.parse_args()
 
     base, adapter = ensure_models(args.scale, args.layers)
     dora = None if args.skip_dora else ensure_dora_adapter(base, adapter)
+    layers = args.layers * args.scale
+    tuners = (
+        {kind: ensure_tuner_adapter(kind, base.parent, linear_shapes(), layers) for kind in TUNERS}
+        if args.tuners
+        else {}
+    )
     out = CACHE / f"merge-bench-out-{os.getpid()}"  # private: other benchmarks share bench/.cache
-    found = build_variants(args, base, adapter, dora, out)
+    found = build_variants(args, base, adapter, dora, out, tuners)
     mark_unread_settings(found, installed_source())
     by_name = {v.name: v for v in found}
 
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-    layers = args.layers * args.scale
     print(f"base {size / 1e9:.2f} GB ({layers} layers), adapter rank {RANK}, {args.repeat} repetitions", flush=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as work:
         facts = torch_imports(Path(work))
     for label, value in facts.items():
         print(f"imports torch: {label:34s} {value}")
-    warm([base, adapter, *([dora] if dora else [])])
+    warm([base, adapter, *([dora] if dora else []), *tuners.values()])
     load_before = os.getloadavg()[0]
 
     for rep in range(args.repeat):

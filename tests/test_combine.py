@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import input_ids, load_conv_net, load_model, make_peft_adapter, peft_model, read_tensors
+from helpers import input_ids, load_conv_net, load_model, make_peft_adapter, peft_merged, peft_model, read_tensors
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -244,3 +244,32 @@ def test_combine_runs_without_torch_and_writes_the_same_bytes(adapters, tmp_path
     assert main([*argv, "-o", str(tmp_path / "here")]) == 0
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (tmp_path / "no-torch" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()
+
+
+def test_kasa_is_refused_by_its_kind(llama_untied, tmp_path):
+    """KaSA's update is more than its factors (a truncation of the base and lora_diag): never summed as LoRA."""
+    from peft.tuners.lora.config import KasaConfig
+
+    adapter = make_peft_adapter(llama_untied, tmp_path / "a", target_modules=["q_proj"], kasa_config=KasaConfig())
+    with pytest.raises(AdapterError, match="is a kasa update, which one LoRA adapter cannot hold"):
+        combine([adapter], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bdlora_combines_into_a_plain_lora_that_peft_merges_alike(llama_untied, tmp_path):
+    """BD-LoRA's block-diagonal factor is written whole, and the written config turns the variant off: PEFT then
+    merges the combined adapter as it merges the BD-LoRA one."""
+    from peft.tuners.lora.config import BdLoraConfig
+
+    bdlora = BdLoraConfig(target_modules_bd_a=["q_proj"], target_modules_bd_b=["o_proj"], nblocks=2)
+    adapter = make_peft_adapter(llama_untied, tmp_path / "a", target_modules=["q_proj", "o_proj"], use_bdlora=bdlora)
+    out = tmp_path / "out"
+    combine([adapter], out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and "use_bdlora" not in config
+    expected = peft_merged(llama_untied, [adapter]).state_dict()
+    got = peft_merged(llama_untied, [out]).state_dict()
+    base = load_model(llama_untied).state_dict()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"):
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert not torch.allclose(expected[name], base[name], atol=1e-4), name

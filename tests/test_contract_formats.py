@@ -18,7 +18,19 @@ from lorafuse.formats.single import adapter_keys, keys_sniffer, read_single
 from lorafuse.plan import AdapterInput
 
 MODULE = "blocks.0.attn.to_q"
-BASE = {f"{MODULE}.weight": (8, 6), f"{MODULE}.bias": (8,), "blocks.0.norm.weight": (6,)}
+# XLabs' Flux files name BFL modules only: its sample targets this one.
+XLABS_MODULE = "double_blocks.0.img_attn.proj"
+BASE = {
+    f"{MODULE}.weight": (8, 6),
+    f"{MODULE}.bias": (8,),
+    "blocks.0.norm.weight": (6,),
+    f"{XLABS_MODULE}.weight": (8, 6),
+}
+
+
+def _module(fmt: str) -> str:
+    """The base module the sample of ``fmt`` changes."""
+    return XLABS_MODULE if fmt == "xlabs" else MODULE
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -43,9 +55,16 @@ def _write(fmt: str, out: Path) -> Path:
     diff = (_rng(2).standard_normal(8) * 0.1).astype(np.float32)
     spec = get_format(fmt)
     if spec.write is None:
-        assert fmt == "plain", f"add a sample for the new format {fmt!r} here"
+        samples = {
+            "plain": {f"{MODULE}.lora_B.weight": up, f"{MODULE}.lora_A.weight": down},
+            "xlabs": {
+                "double_blocks.0.processor.proj_lora1.up.weight": up,
+                "double_blocks.0.processor.proj_lora1.down.weight": down,
+            },
+        }
+        assert fmt in samples, f"add a sample for the new format {fmt!r} here"
         out = out.with_suffix(".safetensors")
-        save_file({f"{MODULE}.lora_B.weight": up, f"{MODULE}.lora_A.weight": down}, str(out))
+        save_file(samples[fmt], str(out))
         return out
     assert spec.names is not None
     up_name, down_name, alpha_name = spec.names.lora_names(MODULE)
@@ -79,8 +98,11 @@ def test_every_format_sniffs_reads_and_round_trips(tmp_path, fmt):
     original = load_file(str(base / "model.safetensors"))
     up, down = _factors()
     # The expected result from the factors themselves (scale 1 in every sample), never from lorafuse's reader.
-    np.testing.assert_allclose(merged[f"{MODULE}.weight"], original[f"{MODULE}.weight"] + up @ down, rtol=1e-6)
-    assert np.array_equal(merged["blocks.0.norm.weight"], original["blocks.0.norm.weight"])
+    changed = f"{_module(fmt)}.weight"
+    np.testing.assert_allclose(merged[changed], original[changed] + up @ down, rtol=1e-6)
+    for name in original:
+        if name != changed and not name.startswith(f"{MODULE}."):
+            assert np.array_equal(merged[name], original[name]), name
 
 
 @pytest.mark.parametrize("fmt", [f for f in registered_formats() if get_format(f).write is not None])

@@ -78,9 +78,10 @@ def test_extract_runs_without_torch(llama_untied, tmp_path):
         "import sys; sys.modules['torch'] = None\n"  # import torch now fails
         "from lorafuse.cli import main\n"
         f"base, tuned, out = {base!r}, {str(tuned)!r}, {out!r}\n"
-        "args = ['extract', base, tuned, '--rank', '2', '--min-params', '0']\n"
+        "args = ['extract', base, tuned, '--rank', '2', '--keep-full', '*input_layernorm']\n"
         "assert main([*args, '-o', out + '/ex']) == 0\n"
-        "assert main([*args, '-o', out + '/k', '--format', 'kohya', '--exact-svd', '--dtype', 'bf16']) == 0\n"
+        "kohya = ['--format', 'kohya', '--min-params', '0', '--exact-svd', '--dtype', 'bf16']\n"
+        "assert main([*args, '-o', out + '/k', *kohya]) == 0\n"
         "assert main([*args, '-o', out + '/p.pt', '--format', 'kohya']) == 1\n"
         "assert main([*args, '-o', out + '/c', '--device', 'cuda']) == 1\n"
         "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
@@ -110,7 +111,7 @@ def test_extract_runs_without_torch(llama_untied, tmp_path):
 def test_planted_low_rank_delta_round_trips_and_peft_loads_it(llama_untied, tmp_path):
     adapter = make_peft_adapter(llama_untied, tmp_path / "lora", target_modules=["q_proj", "v_proj", "up_proj"], r=4)
     lorafuse.merge(llama_untied, [adapter], tmp_path / "tuned")
-    report = extract(llama_untied, tmp_path / "tuned", tmp_path / "ex", rank=6, min_params=0)
+    report = extract(llama_untied, tmp_path / "tuned", tmp_path / "ex", rank=6)
     assert (report.lora, report.direct_diff, report.similar) == (6, 0, 15)
     assert report.rel_error < 1e-5
     config = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
@@ -132,20 +133,57 @@ def test_planted_low_rank_delta_round_trips_and_peft_loads_it(llama_untied, tmp_
     torch.testing.assert_close(peft_logits, tuned_logits, rtol=0, atol=1e-4)
 
 
-def test_truncated_extraction_logits_within_reported_error(qwen2, tmp_path):
-    """Full-rank changes at rank 2, changed norms (modules_to_save) and a changed q_proj bias.
+def qwen2_full_rank_and_bias_change(tensors):
+    full_rank_change(tensors)
+    name = "model.layers.1.self_attn.q_proj.bias"
+    tensors[name] = tensors[name] + noise(tensors[name].shape, 99, 0.1)
 
-    down_proj has no bias, so PEFT could not merge a lora_bias: the q_proj with the changed bias is stored whole.
-    """
 
-    def change(tensors):
-        full_rank_change(tensors)
-        name = "model.layers.1.self_attn.q_proj.bias"
-        tensors[name] = tensors[name] + noise(tensors[name].shape, 99, 0.1)
+def test_truncated_extraction_leaves_out_what_a_lora_cannot_hold(qwen2, tmp_path):
+    """Full-rank changes at rank 2, changed norms and a changed q_proj bias: in PEFT format the norms and the bias
+    (down_proj has no bias, so PEFT could not merge a lora_bias) are left out and reported with their share."""
+    tuned = make_tuned(qwen2, tmp_path / "tuned", qwen2_full_rank_and_bias_change)
+    report = extract(qwen2, tuned, tmp_path / "ex", rank=2)
+    assert (report.lora, report.direct_diff, report.left_out, report.processed) == (4, 0, 3, 7)
+    left = {t.name: t for t in report.tensors if t.kind == "left_out"}
+    assert sorted(left) == [
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.1.input_layernorm.weight",
+        "model.layers.1.self_attn.q_proj.bias",
+    ]
+    assert "1-D" in left["model.layers.0.input_layernorm.weight"].note
+    assert "lora_bias" in left["model.layers.1.self_attn.q_proj.bias"].note
+    tuned_tensors, base_tensors = read_tensors(tuned), read_tensors(qwen2)
+    deltas = {n: (tuned_tensors[n] - base_tensors[n]).double().norm() ** 2 for n in tuned_tensors}
+    total = sum(deltas.values())
+    for name, result in left.items():  # the share of ||delta||^2, measured here from the two models
+        assert result.share == pytest.approx(float(deltas[name] / total), rel=1e-6)
+        assert result.rel_error == 1.0
+    assert report.left_out_error == pytest.approx(math.sqrt(sum(float(deltas[n] / total) for n in left)), rel=1e-6)
+    assert report.left_out_error < report.rel_error < 1
+    config = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
+    assert config["lora_bias"] is False and config["modules_to_save"] is None
+    assert config["target_modules"] == ["down_proj", "q_proj"]
 
-    tuned = make_tuned(qwen2, tmp_path / "tuned", change)
-    report = extract(qwen2, tuned, tmp_path / "ex", rank=2, min_params=0)
-    assert report.lora == 3 and report.direct_diff == 4  # 3 LoRAs; 2 norms, one bias and its q_proj weight
+    ids = input_ids()
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(load_model(qwen2), tmp_path / "ex")(ids).logits
+    lorafuse.merge(qwen2, [tmp_path / "ex"], tmp_path / "merged")
+    merged = read_tensors(tmp_path / "merged")
+    for name in left:  # left out: the base's values
+        assert torch.equal(merged[name], base_tensors[name])
+    with torch.no_grad():
+        merged_logits = load_model(tmp_path / "merged")(ids).logits
+    torch.testing.assert_close(merged_logits, peft_logits, rtol=0, atol=1e-4)  # PEFT reads what we meant
+
+
+def test_keep_full_stores_modules_whole_and_the_truncation_error_is_reported(qwen2, tmp_path):
+    """--keep-full: the norms and the q_proj bias become modules_to_save (q_proj stored whole, its LoRA dropped)."""
+    tuned = make_tuned(qwen2, tmp_path / "tuned", qwen2_full_rank_and_bias_change)
+    keep = ["*input_layernorm", "model.layers.1.self_attn.q_proj.bias", "*no_such_module*"]
+    report = extract(qwen2, tuned, tmp_path / "ex", rank=2, keep_full=keep)
+    assert report.lora == 3 and report.direct_diff == 4 and report.left_out == 0  # 2 norms, the bias and its weight
+    assert report.warnings == ["--keep-full '*no_such_module*' matched no changed tensor"]
     assert 0.05 < report.rel_error < 1  # a truncation really happened, and it is reported
     config = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
     assert config["lora_bias"] is False
@@ -168,7 +206,7 @@ def test_truncated_extraction_logits_within_reported_error(qwen2, tmp_path):
     miss = (peft_logits - tuned_logits).norm()
     assert miss < 3 * report.rel_error * change_norm
     # At rank 64 (>= min(out, in) of every delta here) the extraction is exact.
-    full = extract(qwen2, tuned, tmp_path / "full", rank=64, min_params=0)
+    full = extract(qwen2, tuned, tmp_path / "full", rank=64, keep_full=keep[:2])
     assert full.rel_error < 1e-5
     with torch.no_grad():
         full_logits = PeftModel.from_pretrained(load_model(qwen2), tmp_path / "full")(ids).logits
@@ -184,7 +222,7 @@ def test_dynamic_rank_by_energy_writes_rank_pattern(llama_untied, tmp_path):
             tensors[name] = tensors[name] + torch.randn(out, rank, generator=g) @ torch.randn(rank, inp, generator=g)
 
     tuned = make_tuned(llama_untied, tmp_path / "tuned", change)
-    report = extract(llama_untied, tuned, tmp_path / "ex", rank=8, energy=0.9999, min_params=0)
+    report = extract(llama_untied, tuned, tmp_path / "ex", rank=8, energy=0.9999)
     ranks = {t.name: t.rank for t in report.tensors if t.kind == "lora"}
     assert ranks == {Q: 1, "model.layers.1.self_attn.q_proj.weight": 3}
     config = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
@@ -391,8 +429,10 @@ def test_cli_prints_statistics_and_refuses_existing_output(llama_untied, tmp_pat
     args = ["extract", str(llama_untied), str(tuned), "-o", str(tmp_path / "ex"), "--rank", "4", "--min-params", "0"]
     assert main(args + ["--exact-svd"]) == 0
     out = capsys.readouterr().out
-    for line in ("Processed weights: 6", "Direct diff: 2", "LoRA decomposition: 4", "Similar weights: 15"):
+    for line in ("Processed weights: 6", "Direct diff: 0", "LoRA decomposition: 4", "Similar weights: 15"):
         assert line in out
+    assert "Left out (changed, not in the adapter): 2 tensors" in out
+    assert "    model.layers.0.input_layernorm.weight: " in out and "--keep-full NAME" in out
     assert "Relative Frobenius error" in out
     assert main(args) == 1
     assert "--overwrite" in capsys.readouterr().err
@@ -411,7 +451,7 @@ def test_changed_bias_of_lora_layers_becomes_lora_bias(qwen2, tmp_path):
         tensors["model.layers.1.self_attn.q_proj.bias"] += noise((32,), 7, 0.1)
 
     tuned = make_tuned(qwen2, tmp_path / "tuned", change)
-    report = extract(qwen2, tuned, tmp_path / "ex", rank=32, min_params=0)
+    report = extract(qwen2, tuned, tmp_path / "ex", rank=32)
     assert (report.lora, report.direct_diff) == (2, 1) and report.rel_error < 1e-5
     config = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
     assert config["lora_bias"] is True and config["modules_to_save"] is None
@@ -431,7 +471,7 @@ def test_embedding_change_extracts_as_peft_embedding_lora(llama_untied, tmp_path
         tensors[name] = tensors[name] + noise((128, 2), 1, 0.3) @ noise((2, 32), 2, 0.3)
 
     tuned = make_tuned(llama_untied, tmp_path / "tuned", change)
-    report = extract(llama_untied, tuned, tmp_path / "ex", rank=2, min_params=0)
+    report = extract(llama_untied, tuned, tmp_path / "ex", rank=2)
     assert report.lora == 1 and report.rel_error < 1e-5
     stored = load_file(tmp_path / "ex" / "adapter_model.safetensors")
     assert {k: tuple(v.shape) for k, v in stored.items()} == {
@@ -450,8 +490,10 @@ def test_peft_format_refuses_a_change_it_cannot_hold_exactly(tmp_path):
     tuned = {"blocks.0.modulation": torch.ones(1, 6, 8), "blocks.0.attn.q.weight": torch.zeros(8, 8)}
     save_file(base, tmp_path / "base.safetensors")
     save_file(tuned, tmp_path / "tuned.safetensors")
-    with pytest.raises(LorafuseError, match="blocks.0.modulation.*--format diffusion"):
+    with pytest.raises(LorafuseError, match="every change was left out.*blocks.0.modulation.*--format diffusion"):
         extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "ex")
+    with pytest.raises(LorafuseError, match="blocks.0.modulation.*sub-modules.*--format diffusion"):
+        extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "ex", keep_full=["*"])
     assert not (tmp_path / "ex").exists()
     report = extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "ex", fmt="diffusion")
     assert report.direct_diff == 1 and (tmp_path / "ex.safetensors").is_file()
@@ -461,7 +503,7 @@ def test_gpt2_conv1d_layers_extract_with_fan_in_fan_out(gpt2, tmp_path):
     """GPT-2 stores Conv1D weights as (in, out): the PEFT adapter needs fan_in_fan_out and transposed factors."""
     adapter = make_peft_adapter(gpt2, tmp_path / "lora", target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
     lorafuse.merge(gpt2, [adapter], tmp_path / "tuned")
-    report = extract(gpt2, tmp_path / "tuned", tmp_path / "ex", rank=4, min_params=0)
+    report = extract(gpt2, tmp_path / "tuned", tmp_path / "ex", rank=4)
     assert (report.lora, report.direct_diff, report.failed) == (4, 0, 0)
     assert report.rel_error < 1e-5
     config = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
@@ -500,3 +542,163 @@ def test_gpt2_linear_and_conv1d_changes_cannot_share_one_peft_adapter(gpt2, tmp_
     assert not (tmp_path / "ex").exists()
     report = extract(base, tuned, tmp_path / "ex.safetensors", rank=2, min_params=0, fmt="diffusion")
     assert report.lora == 2
+
+
+PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def low_rank_projection_change(tensors: dict[str, torch.Tensor], rank: int = 3) -> None:
+    """A rank-``rank`` change of every projection weight (what a merged LoRA of that rank leaves)."""
+    for i, name in enumerate(sorted(tensors)):
+        if name.endswith("_proj.weight"):
+            out, inp = tensors[name].shape
+            tensors[name] = tensors[name] + noise((out, rank), 100 + i, 0.2) @ noise((rank, inp), 200 + i, 0.2)
+
+
+def norm_change(tensors: dict[str, torch.Tensor]) -> None:
+    for i, name in enumerate(sorted(tensors)):
+        if name.endswith("norm.weight"):
+            tensors[name] = tensors[name] + noise(tensors[name].shape, 300 + i, 0.05)
+
+
+def peft_logits(base: Path, adapter: Path) -> torch.Tensor:
+    with torch.no_grad():
+        return PeftModel.from_pretrained(load_model(base), adapter)(input_ids()).logits
+
+
+def model_logits(folder: Path) -> torch.Tensor:
+    with torch.no_grad():
+        return load_model(folder)(input_ids()).logits
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_every_changed_projection_is_a_lora_whatever_its_size(tmp_path, model_type):
+    """The issue's case: every weight below 1M parameters, `--rank 8` and no other flag. PEFT 0.21 loads the
+    adapter (target_modules = every projection), the norms a LoRA cannot hold are left out and reported, and
+    --keep-full '*norm' carries them as modules_to_save."""
+    from helpers import make_llama
+
+    base = make_llama(tmp_path / "models", model_type=model_type, hidden_size=64)
+    assert max(t.numel() for t in read_tensors(base).values()) < 1_000_000
+    linear = make_tuned(base, tmp_path / "linear", low_rank_projection_change)
+    tuned = make_tuned(linear, tmp_path / "tuned", norm_change)
+    norms = sorted(n for n in read_tensors(base) if n.endswith("norm.weight") and n.startswith("model.layers."))
+    norms.append("model.norm.weight")
+
+    report = extract(base, tuned, tmp_path / "ex", rank=8)
+    assert (report.lora, report.direct_diff, report.left_out) == (14, 0, len(norms))
+    assert sorted(t.name for t in report.tensors if t.kind == "left_out") == sorted(norms)
+    config = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
+    assert config["target_modules"] == PROJECTIONS and config["modules_to_save"] is None and config["r"] == 8
+    # PEFT loads it, and its outputs are the model with the projections changed and the norms left out.
+    torch.testing.assert_close(peft_logits(base, tmp_path / "ex"), model_logits(linear), rtol=0, atol=1e-4)
+
+    kept = extract(base, tuned, tmp_path / "kept", rank=8, keep_full=["*norm"])
+    assert (kept.lora, kept.direct_diff, kept.left_out) == (14, len(norms), 0) and kept.rel_error < 1e-5
+    config = json.loads((tmp_path / "kept" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == sorted(n.removesuffix(".weight") for n in norms)
+    torch.testing.assert_close(peft_logits(base, tmp_path / "kept"), model_logits(tuned), rtol=0, atol=1e-4)
+
+
+def test_rank_truncation_error_bounds_peft_outputs(tmp_path):
+    """Full-rank changes of every projection at rank 8: PEFT's outputs miss the tuned model's by about the
+    reported relative error of the factors."""
+    from helpers import make_llama
+
+    base = make_llama(tmp_path / "models", model_type="qwen3", hidden_size=64)
+
+    def change(tensors):
+        for i, name in enumerate(sorted(tensors)):
+            if name.endswith("_proj.weight"):
+                tensors[name] = tensors[name] + noise(tensors[name].shape, 400 + i, 0.02)
+
+    tuned = make_tuned(base, tmp_path / "tuned", change)
+    report = extract(base, tuned, tmp_path / "ex", rank=8)
+    assert report.lora == 14 and report.left_out == 0 and 0.3 < report.rel_error < 1
+    base_logits, tuned_logits = model_logits(base), model_logits(tuned)
+    miss = (peft_logits(base, tmp_path / "ex") - tuned_logits).norm()
+    assert miss < 2 * report.rel_error * (tuned_logits - base_logits).norm()
+
+
+def test_a_tied_embedding_change_is_left_out_with_the_reason(llama_tied, tmp_path):
+    """PEFT's (and vLLM's) embedding LoRA changes the input side only, while a tied head changes with it."""
+
+    def change(tensors):
+        tensors["model.embed_tokens.weight"] += noise((128, 2), 1, 0.3) @ noise((2, 32), 2, 0.3)
+        low_rank_projection_change(tensors)
+
+    tuned = make_tuned(llama_tied, tmp_path / "tuned", change)
+    report = extract(llama_tied, tuned, tmp_path / "ex", rank=4)
+    left = [t for t in report.tensors if t.kind == "left_out"]
+    assert [t.name for t in left] == ["model.embed_tokens.weight"] and "tied to the output head" in left[0].note
+    assert report.lora == 14
+
+
+def serving_change(tensors: dict[str, torch.Tensor]) -> None:
+    """Projections, their biases (Qwen2), norms, the embedding and the head all changed."""
+    low_rank_projection_change(tensors)
+    norm_change(tensors)
+    for i, name in enumerate(sorted(tensors)):
+        if name.endswith("_proj.bias"):
+            tensors[name] = tensors[name] + noise(tensors[name].shape, 500 + i, 0.1)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        rows, cols = tensors[name].shape
+        tensors[name] = tensors[name] + noise((rows, 2), 600, 0.3) @ noise((2, cols), 601, 0.3)
+
+
+@pytest.mark.parametrize("fixture", ["qwen2", "llama_untied"])
+def test_serving_vllm_writes_what_vllm_loads(fixture, tmp_path, capsys, request):
+    """vLLM 0.33.0: no modules_to_save, no lora_bias, and LoRAs only on the modules the architecture takes
+    (Qwen2 declares no embedding modules, Llama takes embed_tokens and lm_head). What is left out is reported with
+    the error it costs, and the written adapter passes vLLM's rules; PEFT loads it too."""
+    base = request.getfixturevalue(fixture)
+    tuned = make_tuned(base, tmp_path / "tuned", serving_change)
+    out = tmp_path / "ex"
+    args = ["extract", str(base), str(tuned), "-o", str(out), "--rank", "8", "--serving", "vllm"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "vllm 0.33.0: servable as is" in text and "Left out (changed, not in the adapter)" in text
+    report = json.loads((out / "lorafuse_extract.json").read_text())
+    assert report["serving"]["servable"] is True
+    left = {t["name"]: t["note"] for t in report["tensors"] if t["kind"] == "left_out"}
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["modules_to_save"] is None and config["lora_bias"] is False and config["r"] <= 16
+    stored = load_file(out / "adapter_model.safetensors")
+    assert all(k.endswith(("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")) for k in stored)
+    if fixture == "qwen2":
+        assert "vLLM 0.33.0 has no LoRA for embed_tokens" in left["model.embed_tokens.weight"]
+        assert "vLLM 0.33.0 has no LoRA for lm_head" in left["lm_head.weight"]
+        assert "refuses lora_bias" in left["model.layers.0.self_attn.q_proj.bias"]
+        assert config["target_modules"] == PROJECTIONS
+    else:
+        assert "base_model.model.model.embed_tokens.lora_embedding_A" in stored
+        assert "base_model.model.lm_head.lora_A.weight" in stored
+        assert sorted(config["target_modules"]) == sorted([*PROJECTIONS, "embed_tokens", "lm_head"])
+    assert all("refuses modules_to_save" in left[n] for n in left if n.endswith("norm.weight"))
+    shares = sum(t["share"] for t in report["tensors"] if t["kind"] == "left_out")
+    assert report["left_out_error"] == pytest.approx(math.sqrt(shares)) and report["left_out_error"] > 0
+    lorafuse.merge(base, [out], tmp_path / "merged")
+    torch.testing.assert_close(peft_logits(base, out), model_logits(tmp_path / "merged"), rtol=0, atol=1e-4)
+
+
+def test_serving_vllm_refusals(llama_untied, gpt2, tmp_path):
+    tuned = make_tuned(llama_untied, tmp_path / "tuned", low_rank_projection_change)
+    out = tmp_path / "ex"
+    cases = [
+        ({"rank": 32}, "--rank 32 is above --max-lora-rank 16"),
+        ({"max_lora_rank": 12}, "--max-lora-rank 12: vLLM 0.33.0 accepts only 1, 8, 16, 32"),
+        ({"fmt": "kohya"}, "--serving vllm writes a PEFT adapter"),
+        ({"keep_full": ["*norm"]}, "--keep-full stores modules_to_save, which vLLM 0.33.0 refuses"),
+        ({"diff_only": True}, "--diff-only stores modules_to_save"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(LorafuseError, match=message):
+            extract(llama_untied, tuned, out, **{"serving": "vllm", **kwargs})
+    # A rank above vLLM's default is fine once the server's --max-lora-rank is given.
+    report = extract(llama_untied, tuned, out, rank=32, serving="vllm", max_lora_rank=32)
+    assert report.serving["servable"] is True
+    with pytest.raises(LorafuseError, match="architecture GPT2LMHeadModel: lorafuse holds vLLM 0.33.0's"):
+        extract(gpt2, gpt2, tmp_path / "g", serving="vllm")
+    with pytest.raises(LorafuseError, match="--min-params 5 applies to --format diffusion/kohya only"):
+        extract(llama_untied, tuned, tmp_path / "m", min_params=5)
+    assert not (tmp_path / "g").exists() and not (tmp_path / "m").exists()

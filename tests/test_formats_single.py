@@ -218,7 +218,7 @@ def test_forced_format_and_unknown_tensor_errors(tmp_path, capsys):
     code = main(["merge", str(base), str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "o")])
     assert code == 1
     assert "hada_w1_a" in capsys.readouterr().err
-    # A plain file forced to be read as kohya fails on its names; as diffusion it is rejected by suffix.
+    # A plain file forced to be read as kohya is rejected by suffix (the diffusion layout reads lora_A/lora_B too).
     save_file({f"{Q}.lora_A.weight": down, f"{Q}.lora_B.weight": up}, tmp_path / "plain.safetensors")
     code = main(
         [
@@ -228,7 +228,7 @@ def test_forced_format_and_unknown_tensor_errors(tmp_path, capsys):
             "-o",
             str(tmp_path / "o"),
             "--adapter-format",
-            "diffusion",
+            "kohya",
         ]
     )
     assert code == 1

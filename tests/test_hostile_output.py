@@ -790,3 +790,28 @@ def test_a_closed_stdout_ends_quietly(args, world):
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr and "Error" not in proc.stderr
     if args[0] == "extract":  # the output was complete before the report could not be printed
         assert (world.root / "x" / "adapter_model.safetensors").is_file() and _litter(world.root) == []
+
+
+def test_a_temporary_of_a_killed_unreaped_process_is_stale(tmp_path):
+    """A worker killed but not yet reaped (a zombie, until its pool or Ray collects it) wrote nothing more."""
+    from lorafuse.io.output import MARKER, remove_stale_temporaries
+
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        work = tmp_path / f".out.lorafuse-tmp-{child.pid}"
+        work.mkdir()
+        stat = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[-1].split()
+        (work / MARKER).write_text(json.dumps({"pid": child.pid, "host": socket.gethostname(), "start": stat[19]}))
+        remove_stale_temporaries(out)
+        assert work.exists()  # alive: kept
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.time() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+            assert time.time() < deadline
+            time.sleep(0.01)
+        remove_stale_temporaries(out)  # a zombie now: the child is not waited for yet
+        assert not work.exists()
+    finally:
+        child.kill()
+        child.wait()

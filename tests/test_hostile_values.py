@@ -399,7 +399,7 @@ EXTRACT_CASES = {
 }
 
 
-@pytest.mark.parametrize("fmt", ["peft", "peft-lora", "diffusion", "lora-extractor"])
+@pytest.mark.parametrize("fmt", ["peft", "diffusion-lora", "diffusion", "lora-extractor"])
 @pytest.mark.parametrize("case", list(EXTRACT_CASES))
 def test_extract_refuses_nan_or_inf_naming_the_tensor(case, fmt, tmp_path):
     base_tensors, tuned_tensors, needles = EXTRACT_CASES[case]
@@ -410,8 +410,8 @@ def test_extract_refuses_nan_or_inf_naming_the_tensor(case, fmt, tmp_path):
     out.mkdir()
     if fmt == "lora-extractor":
         result = run_here("lora-extractor", "--source-model", base, "--target-model", tuned, "--output", out / "x")
-    else:  # peft-lora: factorised by the SVD (--min-params 1) rather than stored as full differences
-        extra = ("--min-params", "1") if fmt == "peft-lora" else ()
+    else:  # diffusion-lora: factorised by the SVD (--min-params 1) rather than stored as full differences
+        extra = ("--min-params", "1") if fmt == "diffusion-lora" else ()
         result = run_here("lorafuse", "extract", base, tuned, "-o", out / "x", "--format", fmt.split("-")[0], *extra)
     which, name = needles
     line = assert_clean_refusal(result, (f"of the {which} model", name, "NaN or Inf"), inputs, out)
@@ -427,7 +427,7 @@ def test_extract_refuses_nan_in_a_module_stored_whole(tmp_path):
     base = make_base(tmp_path / "base", base_tensors)
     tuned = make_base(tmp_path / "tuned", tuned_tensors)
     with pytest.raises(LorafuseError, match="'model.norm.weight' of the tuned model holds NaN or Inf"):
-        extract(base, tuned, tmp_path / "out" / "x")
+        extract(base, tuned, tmp_path / "out" / "x", keep_full=["model.norm"])
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

@@ -222,3 +222,69 @@ def test_inspect_needs_no_torch_for_any_format(tmp_path):
     expected = sorted(full_norm(a, b, SCALE) for a, b in example_pairs().values())
     for _kind, _fmt, norms in reports[:4]:
         assert sorted(n for n in norms if n != pytest.approx(4.0)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_serving_vllm_verdict_names_each_failing_rule_with_its_fix(tmp_path, capsys):
+    """inspect --serving vllm: the rules of vLLM 0.33.0 (tests/test_serving.py holds them against vLLM's source)."""
+    base = make_llama(tmp_path / "models", model_type="qwen2")
+    plain = make_peft_adapter(base, tmp_path / "plain", target_modules=["q_proj", "v_proj", "down_proj"], r=8)
+    report = inspect_path(plain, serving="vllm")  # the base is the local folder adapter_config.json names
+    assert report["serving"]["servable"] is True and report["serving"]["version"] == "0.33.0"
+    assert inspect_path(plain)["serving"] is None
+
+    awkward = make_peft_adapter(
+        base,
+        tmp_path / "awkward",
+        target_modules=["q_proj", "lm_head"],
+        modules_to_save=["model.norm"],
+        use_dora=True,
+        r=32,
+    )
+    report = inspect_path(awkward, serving="vllm", max_lora_rank=16)
+    assert report["serving"]["servable"] is False
+    failing = {f["rule"]: f for f in report["serving"]["findings"] if f["ok"] is False}
+    # DoRA's magnitude vectors and the saved norm are tensors vLLM cannot parse either.
+    assert sorted(failing) == ["modules_to_save", "rank", "target modules", "tensor names", "use_dora"]
+    assert "lm_head" in failing["target modules"]["detail"] and "qwen2.py" in failing["target modules"]["detail"]
+    assert failing["rank"]["fix"] == "serve with --max-lora-rank 32"
+    assert all(f["fix"] for f in failing.values())
+
+    assert main(["inspect", str(awkward), "--serving", "vllm", "--max-lora-rank", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "vllm 0.33.0: NOT servable" in text and "FAIL use_dora: DoRA is set" in text and "FAIL rank" not in text
+    assert main(["inspect", str(awkward), "--serving", "vllm", "--max-lora-rank", "12"]) == 1
+    assert "accepts only 1, 8, 16" in capsys.readouterr().err
+    assert main(["inspect", str(base), "--serving", "vllm"]) == 1
+    assert "is a model, not an adapter" in capsys.readouterr().err
+
+
+def test_serving_vllm_without_the_base_cannot_tell_the_target_modules(tmp_path):
+    base = make_llama(tmp_path / "models")
+    adapter = make_peft_adapter(base, tmp_path / "lora", target_modules=["q_proj"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "someone/elses-model"  # a Hub id: not read
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    report = inspect_path(adapter, serving="vllm")
+    assert report["serving"]["servable"] is None
+    assert inspect_path(adapter, base=base, serving="vllm")["serving"]["servable"] is True
+    kohya = tmp_path / "k.safetensors"
+    save_file(
+        {"lora_unet_q.lora_down.weight": torch.zeros(2, 8), "lora_unet_q.lora_up.weight": torch.zeros(8, 2)}, kohya
+    )
+    verdict = inspect_path(kohya, serving="vllm")["serving"]
+    assert verdict["servable"] is False and verdict["findings"][0]["rule"] == "format"
+
+
+def test_a_row_with_a_rank_but_no_scale_has_no_alpha():
+    """An edit of another tuner type reporting a rank and no scale (HRA's reflections once did) gets no LoRA alpha,
+    and the table shows what it reports."""
+    from lorafuse.edits import Edit
+    from lorafuse.inspect import _edit_row, _size_text
+
+    class Reflections(Edit):
+        def describe(self):
+            return {"kind": "hra", "rank": 4, "apply_GS": False, "layer": None}
+
+    row = _edit_row("lin.weight", Reflections(source_key="lin.hra_u"), rslora=False)
+    assert "alpha" not in row and row["norm"] is None and row["zero_effect"] is False
+    assert _size_text(row) == "rank=4 apply_GS=False"

@@ -90,7 +90,7 @@ def test_flags_only_and_rerun_into_the_same_output(setup, clean_env, tmp_path, c
     assert merged_bytes(tmp_path / "out") == setup["scaled"]
     _lines(capsys)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        ["model.safetensors", "config.json", "generation_config.json", "lorafuse_merge.json"]
+        ["model.safetensors", "config.json", "generation_config.json", "lorafuse_merge.json", "README.md"]
         + ["tokenizer.json", "tokenizer_config.json"]
     )
 

@@ -67,8 +67,8 @@ def test_prefill_with_another_layout_is_dropped(llama_untied, adapter, tmp_path,
     guesses: list = []
     original = prefill_module.speculate
 
-    def other_layout(base, output, max_shard_size, overwrite, inputs=()):
-        guesses.append(original(base, output, "60KB", overwrite, inputs))
+    def other_layout(base, output, max_shard_size, overwrite, inputs=(), on_copy=None):
+        guesses.append(original(base, output, "60KB", overwrite, inputs, on_copy))
         return guesses[-1]
 
     monkeypatch.setattr(prefill_module, "speculate", other_layout)

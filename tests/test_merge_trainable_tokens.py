@@ -63,3 +63,44 @@ def test_inspect_lists_trained_tokens_and_combine_refuses_them(llama_untied, tmp
     assert [r["tokens"] for r in rows if r["kind"] == "tokens"] == [[4]]
     assert main(["combine", str(adapter), str(adapter), "-o", str(tmp_path / "both")]) == 1
     assert "trainable tokens" in capsys.readouterr().err
+
+
+def token_adapter(base, out, indices, seed):
+    return make_peft_adapter(base, out, target_modules=["q_proj"], trainable_token_indices=indices, seed=seed)
+
+
+def peft_merged_both(base, first, second):
+    """PEFT's merge of two token adapters loaded together (set_adapter takes one token adapter at a time, so both
+    are merged by name, as merge_and_unload(adapter_names=...) does)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(base), first, adapter_name="a0")
+    model.load_adapter(second, adapter_name="a1")
+    return model.merge_and_unload(adapter_names=["a0", "a1"]).eval()
+
+
+def test_overlapping_trainable_tokens_of_two_adapters_are_refused_as_peft_refuses(llama_untied, tmp_path, capsys):
+    from lorafuse.cli import main
+
+    first = token_adapter(llama_untied, tmp_path / "first", [1, 5, 7], seed=1)
+    second = token_adapter(llama_untied, tmp_path / "second", [7, 9], seed=2)
+    with pytest.raises(ValueError, match="disjunct token indices"):  # the oracle: PEFT's merge refuses them
+        peft_merged_both(llama_untied, first, second)
+    capsys.readouterr()
+    out = tmp_path / "merged"
+    assert main(["merge", str(llama_untied), str(first), str(second), "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "token 7" in err and EMB in err and "overlap" in err
+    assert not out.exists()
+
+
+def test_disjoint_trainable_tokens_of_two_adapters_merge_like_peft(llama_untied, tmp_path):
+    first = token_adapter(llama_untied, tmp_path / "first", [1, 5], seed=1)
+    second = token_adapter(llama_untied, tmp_path / "second", [7, 9], seed=2)
+    lorafuse.merge(llama_untied, [first, second], tmp_path / "merged", dtype="fp32")
+    expected = peft_merged_both(llama_untied, first, second).state_dict()
+    merged = read_tensors(tmp_path / "merged")
+    torch.testing.assert_close(merged[EMB], expected[EMB], rtol=0, atol=0)
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(merged[q_proj], expected[q_proj], rtol=1e-5, atol=1e-6)

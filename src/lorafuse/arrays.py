@@ -55,7 +55,12 @@ USER_DTYPES: dict[str, np.dtype] = {
 MATH_DTYPES = (F64, F32, F16, BF16)
 NORM_ROW = 128  # elements per fp32 partial sum of squares (squared_norm)
 # Largest finite value per rounded output dtype (fp32 and fp64 only need the NaN/Inf check).
-FINITE_LIMIT = {F16: 65504.0, BF16: float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)}
+FINITE_LIMIT = {
+    F16: 65504.0,
+    BF16: float(ml_dtypes.finfo(ml_dtypes.bfloat16).max),
+    F8_E4M3: float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max),  # fp8 bases written in fp8 (quantized.py)
+    F8_E5M2: float(ml_dtypes.finfo(ml_dtypes.float8_e5m2).max),
+}
 
 
 def dtype_of(code: str) -> np.dtype:

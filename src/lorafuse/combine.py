@@ -36,7 +36,9 @@ from .formats.peft_writer import write_peft_adapter
 from .io.checkpoint import open_model
 from .io.output import check_output
 from .peft_flags import CONFIG_NAME, finite_number, load_config, strengths
+from .progress import ByteBar
 from .targets import EMBEDDING_SUFFIXES
+from .tuners.lora_variants import VARIANT_KEYS
 
 if TYPE_CHECKING:
     from .plan import AdapterInput
@@ -103,8 +105,8 @@ def _stored(ref: TensorRef) -> np.ndarray:
 
 
 def _fp32(ref: TensorRef) -> np.ndarray:
-    value = _stored(ref)
-    return arrays.decode_f32(value, value.dtype)
+    """The tensor in fp32 as its reference reads it (a BD-LoRA factor's stacked blocks as the whole matrix)."""
+    return require_finite(ref, ref.load())
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -115,14 +117,20 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _collect(
-    inputs: list[AdapterInput], weights: list[float]
+    inputs: list[AdapterInput], weights: list[float], tuners: Sequence[str | None]
 ) -> tuple[dict[str, _Module], dict[str, np.ndarray], list[str]]:
-    """Every module's weighted factors, plus the full tensors to carry over unchanged (by their PEFT key)."""
+    """Every module's weighted factors, plus the full tensors to carry over unchanged (by their PEFT key).
+
+    ``tuners``: each adapter's PEFT tuner type (None for other formats). An adapter of another tuner type than
+    LoRA is refused by that name: its updates are no LoRA factors, and its config's keys would make the written
+    config another tuner's.
+    """
     modules: dict[str, _Module] = {}
     carried: dict[str, np.ndarray] = {}
     warnings: list[str] = []
-    for inp, weight in zip(inputs, weights):
+    for inp, weight, tuner in zip(inputs, weights, tuners):
         carried_here = 0
+        other = f"; {inp.label} is a PEFT {tuner} adapter" if tuner not in (None, "LORA") else ""
         for targeted in inp.edits:
             edit, target = targeted.edit, targeted.target
             if isinstance(edit, DoraDelta):
@@ -130,7 +138,7 @@ def _collect(
                     f"{inp.label}: {edit.source_key!r} is DoRA, whose magnitudes cannot be combined into one LoRA; "
                     "merge the adapters into the base model instead (lorafuse merge)"
                 )
-            if isinstance(edit, LoraDelta):
+            if type(edit) is LoraDelta:  # a variant's subclass (KaSA) is more than its factors: refused below
                 name = _module_name(target)
                 module = modules.setdefault(
                     name, _Module(name, _is_embedding(edit, target), edit.layout == "transposed")
@@ -163,13 +171,20 @@ def _collect(
             elif isinstance(edit, RowReplace):
                 raise AdapterError(
                     f"{inp.label}: {edit.source_key!r} holds trained token rows (PEFT trainable tokens), which "
-                    "combine does not carry; merge the adapters into the base model instead (lorafuse merge)"
+                    f"combine does not carry{other}; merge the adapters into the base model instead (lorafuse merge)"
                 )
             else:
+                kind = edit.describe().get("kind", type(edit).__name__)
                 raise AdapterError(
-                    f"{inp.label}: {edit.source_key or target!r} is a {type(edit).__name__}, which a LoRA adapter "
-                    "cannot hold; merge this adapter into the base model instead (lorafuse merge)"
+                    f"{inp.label}: {edit.source_key or target!r} is a {kind} update, which one LoRA adapter cannot "
+                    f"hold (combine sums LoRA factors only{other}); merge this adapter into the base model instead "
+                    "(lorafuse merge)"
                 )
+        if other:  # nothing above refused it (LN tuning's saved norms read as modules_to_save): still no LoRA
+            raise AdapterError(
+                f"{inp.label}: a PEFT {tuner} adapter, whose updates one LoRA adapter cannot hold (combine sums LoRA "
+                "factors only); merge it into the base model instead (lorafuse merge)"
+            )
         if carried_here and weight != 1.0:
             warnings.append(
                 f"{inp.label}: its {carried_here} full tensor(s) (modules_to_save, trained biases) are copied "
@@ -253,6 +268,14 @@ def _first_config(path: Path) -> dict[str, Any]:
     return load_config(config).raw  # read and checked as the readers do (the adapter was read through it already)
 
 
+def _peft_type(path: Path) -> str | None:
+    """The PEFT tuner type of the adapter at ``path`` (``LORA``, ``IA3`` ...), None for other formats."""
+    config = path / CONFIG_NAME if path.is_dir() else None
+    if config is None or not config.is_file():
+        return None
+    return str(load_config(config).peft_type).upper()
+
+
 def _output_config(
     first: dict[str, Any], rank: int, modules: dict[str, _Module], inputs: list[Path], lora_bias: bool
 ) -> dict[str, Any]:
@@ -283,6 +306,9 @@ def _output_config(
             "inference_mode": True,
         }
     )
+    for key in VARIANT_KEYS:  # the factors written are plain LoRA ones (BD-LoRA's blocks written whole)
+        if key != "use_dora":
+            config.pop(key, None)
     config.setdefault("base_model_name_or_path", None)
     config.setdefault("task_type", None)
     return config
@@ -305,6 +331,7 @@ def combine(
     overwrite: bool = False,
     adapter_format: str | None = None,
     base: str | Path | None = None,
+    show_progress: bool | None = None,
 ) -> CombineReport:
     """Combine ``adapters`` (each times its weight) into one PEFT LoRA adapter folder at ``output``.
 
@@ -312,6 +339,7 @@ def combine(
     largest input rank). ``dtype`` is the stored dtype of the new factors (``auto``: the first adapter's). ``base``
     (a model folder or weight file, read header-only) is needed only for formats whose names are resolved against
     the base (kohya). Writes atomically; refuses an existing non-empty ``output`` unless ``overwrite``.
+    ``show_progress``: a bar of the factor bytes combined (None: on a terminal only).
     """
     started = time.perf_counter()
     paths = [Path(a) for a in adapters]
@@ -335,7 +363,7 @@ def combine(
         checkpoint.close()
     inputs = [read_adapter(p, label=str(p), fmt=adapter_format, base_shapes=shapes) for p in paths]
     try:
-        modules, carried, warnings = _collect(inputs, weights)
+        modules, carried, warnings = _collect(inputs, weights, [_peft_type(p) for p in paths])
         if out_dtype is None:
             first = next((e.edit for e in inputs[0].edits if isinstance(e.edit, LoraDelta)), None)
             out_dtype = _stored_dtype(first.A) if first is not None else arrays.F32
@@ -346,12 +374,15 @@ def combine(
 
     combined: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     errors: dict[str, float] = {}
-    with BlasPool().one_thread():  # thin QRs and small SVDs (svd): a second BLAS thread only waits
+    total = sum(f.A.nbytes + f.B.nbytes for m in modules.values() for f in m.factors)
+    # thin QRs and small SVDs (svd): a second BLAS thread only waits
+    with BlasPool().one_thread(), ByteBar(total, "combining", show_progress) as bar:
         for name, module in modules.items():
             A, B, error = _combine_module(module, method, rank)
             combined[name] = (A, B)
             if error is not None:
                 errors[name] = error
+            bar.update(sum(f.A.nbytes + f.B.nbytes for f in module.factors))
     out_rank = max(A.shape[0] for A, _B in combined.values())
     tensors: dict[str, np.ndarray] = {}
     for name, (A, B) in combined.items():

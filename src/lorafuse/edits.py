@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .arrays import F32, decode_f32, frobenius_norm
+from .conv1d import ORIENTATION_FIX
 from .errors import AdapterError, NonFiniteError
 from .io.checkpoint import Checkpoint
 from .peft_flags import finite_number
@@ -125,6 +126,10 @@ class BlockOps:
     def contiguous(self, values: Array) -> Array:
         return np.ascontiguousarray(values)
 
+    def svd(self, values: Array) -> tuple[Array, Array, Array]:
+        """The thin SVD ``(U, S, Vh)`` of a 2-D fp32 array (KaSA's truncation of a base weight)."""
+        return np.linalg.svd(values, full_matrices=False)
+
 
 @dataclass(frozen=True)
 class Edit:
@@ -155,6 +160,13 @@ class Edit:
         """The edit gives the values every other edit of the tensor applies on (a saved copy of the base layer)."""
         return False
 
+    @property
+    def changes_base(self) -> bool:
+        """The edit also rewrites the base weight it applies on, as PEFT does when it loads the adapter (KaSA's SVD
+        truncation): beside another adapter's edit of the same tensor, which weight each saw in training is not
+        settled by an order, so the plan refuses the pair."""
+        return False
+
     def apply(self, block: Array, rows: slice, ops: BlockOps, base: Array | None = None) -> None:
         """Change ``block`` in place: the fp32 rows ``rows`` of the target (2-D, see the module docstring).
 
@@ -178,8 +190,29 @@ class Edit:
         return None
 
     def oriented(self, shape: tuple[int, ...], conv1d: bool | None) -> Edit:
-        """The edit as it applies to a target of ``shape`` (see LoraDelta: Linear vs GPT-2 Conv1D layers)."""
+        """The edit as it applies to a target of ``shape``; the plan calls it for every edit before its shape check.
+
+        ``conv1d`` is what the base says of the target's layer class (conv1d.py): True for a weight stored (in,
+        out), a GPT-2 ``Conv1D`` one (or MoE experts stored (experts, in, out), gpt-oss); False for any other
+        layer (``nn.Linear`` (out, in), embeddings, convs); None when nothing tells (no config.json, custom
+        code). An edit whose math depends on the orientation of a 2-D weight follows ``conv1d`` when it is known,
+        whatever its adapter's ``fan_in_fan_out`` says (PEFT decides per layer); when it is None, only a shape that
+        fits one orientation alone decides, and a weight that fits both (square) is refused with an
+        :class:`AdapterError` ending in ``conv1d.ORIENTATION_FIX``: never guess. Edits that do not depend on it
+        (biases, replacements) return themselves.
+        """
         return self
+
+    def bound(self, base: Checkpoint, key: str) -> Edit:
+        """The edit as it applies to base tensor ``key`` of ``base``; the plan calls it after :meth:`oriented` (an
+        edit computed from its layer's other tensors, the weight of a bias, reads them there: tuners/peft_layer.py)."""
+        return self
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Base tensors besides its target that the edit reads, as stored (set by :meth:`bound`); the plan refuses
+        an earlier adapter changing one of them, which the edit would not see."""
+        return ()
 
     def scaled(self, strength: float) -> Edit:
         """A copy whose effect is scaled by ``strength`` (the per-adapter ``--weight``)."""
@@ -218,6 +251,9 @@ class LoraDelta(Edit):
     B: TensorRef
     scale: float
     layout: Layout = "linear"
+    # PEFT orients a 2-D LoRA by its layer's class (Linear or Conv1D): ``layout`` is then only the adapter's
+    # fan_in_fan_out and the base must establish the orientation (see oriented). Other formats fix the layout.
+    by_layer: bool = False
 
     def refs(self) -> list[TensorRef]:
         return [self.A, self.B]
@@ -266,20 +302,22 @@ class LoraDelta(Edit):
     def oriented(self, shape: tuple[int, ...], conv1d: bool | None) -> Edit:
         """Orient a LoRA as PEFT does: by the layer's class, whatever the adapter config's ``fan_in_fan_out`` says.
 
-        ``conv1d`` (conv1d.py) says whether the base weight is a GPT-2 Conv1D layer's, or None when the base's
-        config cannot tell: then only a shape that fits the other orientation alone (not a square one) flips it.
+        A known ``conv1d`` decides (an update that does not fit that orientation is then the plan's shape error,
+        never flipped to fit). Unknown, a shape that fits one orientation alone decides; a square one that fits
+        both is refused for a PEFT LoRA (``by_layer``), whose one fan_in_fan_out flag cannot tell its layers apart.
         """
         if self.layout not in ("linear", "transposed") or "lora_embedding" in self.source_key:
             return self  # conv layers have one layout; embeddings are always transposed
         if conv1d is not None:
-            wanted = "transposed" if conv1d else "linear"
-            other = self._flipped() if self.layout != wanted else self
-            return other if other.shape_error(shape) is None else self
-        if self.shape_error(shape):
-            other = self._flipped()
-            if other.shape_error(shape) is None and len(set(shape)) == len(shape):
-                return other
-        return self
+            return self if self.layout == ("transposed" if conv1d else "linear") else self._flipped()
+        fitting = [edit for edit in (self, self._flipped()) if edit.shape_error(shape) is None]
+        if len(fitting) == 2 and self.by_layer:
+            raise AdapterError(
+                f"{self.adapter}: {self.source_key!r} updates a square {shape[0]}x{shape[1]} weight that may be a "
+                "Linear (out, in) or a GPT-2 Conv1D (in, out) layer, and the base model does not say which "
+                f"(the adapter's one fan_in_fan_out flag does not either): {ORIENTATION_FIX}"
+            )
+        return fitting[0] if fitting else self
 
     def scaled(self, strength: float) -> Edit:
         return self if strength == 1.0 else replace(self, scale=self._times(self.scale, strength))
@@ -513,13 +551,84 @@ class BiasDelta(Edit):
 
 
 @dataclass(frozen=True)
+class RowSlice(Edit):
+    """Rows ``start:stop`` of ``inner``'s update, whose target has ``total`` rows, on a tensor of those rows alone:
+    the q, k or v rows of a LoRA on a fused ``qkv`` merged into a separate ``to_q``/``to_k``/``to_v`` (B splits by
+    rows, A is shared), or one half of a weight that two layouts store with its halves swapped (names/paired.py)."""
+
+    inner: Edit
+    start: int
+    stop: int
+    total: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adapter", self.inner.adapter)
+        object.__setattr__(self, "source_key", self.inner.source_key)
+
+    @property
+    def whole_tensor(self) -> bool:
+        return self.inner.whole_tensor
+
+    @property
+    def needs_base(self) -> bool:
+        return self.inner.needs_base
+
+    @property
+    def overwrites(self) -> bool:
+        return self.inner.overwrites
+
+    @property
+    def goes_first(self) -> bool:
+        return self.inner.goes_first
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return self.inner.reads
+
+    def _whole(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (self.total, *shape[1:])
+
+    def apply(self, block: Array, rows: slice, ops: BlockOps, base: Array | None = None) -> None:
+        self.inner.apply(block, slice(rows.start + self.start, rows.stop + self.start), ops, base)
+
+    def refs(self) -> list[TensorRef]:
+        return self.inner.refs()
+
+    def shape_error(self, shape: tuple[int, ...]) -> str | None:
+        if not shape or shape[0] != self.stop - self.start:
+            return f"rows {self.start}:{self.stop} of the adapter's update do not fit a tensor of shape {tuple(shape)}"
+        if self.inner.whole_tensor:
+            return "the update takes a norm across all rows of the fused tensor, which its rows alone cannot give"
+        return self.inner.shape_error(self._whole(shape))
+
+    def oriented(self, shape: tuple[int, ...], conv1d: bool | None) -> Edit:
+        inner = self.inner.oriented(self._whole(shape), conv1d) if shape else self.inner
+        return self if inner is self.inner else replace(self, inner=inner)
+
+    def bound(self, base: Checkpoint, key: str) -> Edit:
+        inner = self.inner.bound(base, key)
+        return self if inner is self.inner else replace(self, inner=inner)
+
+    def scaled(self, strength: float) -> Edit:
+        return self if strength == 1.0 else replace(self, inner=self.inner.scaled(strength))
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.inner.describe(), "rows": [self.start, self.stop]}
+
+    def no_effect(self, load: Callable[[TensorRef], np.ndarray] = TensorRef.load) -> bool:
+        return self.inner.no_effect(load)  # all of the update changes nothing, so its rows change nothing
+
+
+@dataclass(frozen=True)
 class TargetedEdit:
     """An edit and the tensor it targets, named as the adapter names it (before matching to the base).
 
     ``rows`` = (start, stop) addresses part of the tensor (rows of a fused weight: ``to_q`` of a ``qkv``); the
-    edit's shape is then checked against those rows alone.
+    edit's shape is then checked against those rows alone. ``optional``: the target may be missing from the base
+    (IA3 scales a layer's bias where the layer has one), and the edit is then dropped.
     """
 
     target: str
     edit: Edit
     rows: tuple[int, int] | None = None
+    optional: bool = False

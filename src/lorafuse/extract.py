@@ -1,15 +1,20 @@
 """``lorafuse.extract``: the difference between a tuned model and its base, as a LoRA adapter.
 
 The two checkpoints are streamed tensor by tensor (never more than one pair in memory): unchanged tensors are
-recognised from their bytes and skipped, 1-D and small tensors are stored as full differences, and every other
-changed weight is factorised to rank R (randomized SVD by default, optionally a dynamic rank holding a fraction
-of the difference's energy). Output formats: a PEFT adapter folder, the ``diffusion_model.`` single file, or a
-kohya single file. The math runs on numpy (fp32, bf16 through ml_dtypes), on the CPUs free for it (blas_threads.py);
-torch is imported only for ``--device cuda`` (the SVDs), a ``.pt`` output and pickled inputs.
+recognised from their bytes and skipped, and every changed weight of 2 or more dimensions is factorised to rank R
+(randomized SVD by default, optionally a dynamic rank holding a fraction of the difference's energy). Output
+formats: a PEFT adapter folder, the ``diffusion_model.`` single file, or a kohya single file. In the single-file
+layouts (the seed ``lora-extractor``'s) 1-D and small tensors are stored as full differences; in a PEFT adapter
+what a LoRA cannot hold (1-D norms and biases beyond ``lora_bias``, other parameters) is left out and reported with
+its share of the change, unless ``keep_full`` names it (then its module is a ``modules_to_save`` entry). With
+``serving="vllm"`` the adapter holds only what vLLM serves (serving.py), and the rest is left out and reported.
+The math runs on numpy (fp32, bf16 through ml_dtypes), on the CPUs free for it (blas_threads.py); torch is
+imported only for ``--device cuda`` (the SVDs), a ``.pt`` output and pickled inputs.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
 import logging
@@ -17,6 +22,7 @@ import math
 import os
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,15 @@ from .io.extra_files import read_json
 from .io.output import AtomicOutput, check_output
 from .io.safetensors_file import TensorInfo, pread_into
 from .io.spool import SpoolWriter
+from .serving import (
+    VLLM_DEFAULT_MAX_LORA_RANK,
+    VLLM_VERSION,
+    VllmArchitecture,
+    architecture_refusal,
+    check_max_lora_rank,
+    check_vllm_path,
+    vllm_architecture,
+)
 from .targets import EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING
 from .torch_bridge import check_device, require_torch, to_numpy, to_torch
 
@@ -66,11 +81,12 @@ class TensorResult:
     """What extraction did with one base tensor."""
 
     name: str
-    kind: str  # lora, diff, similar, tied, skipped, failed
+    kind: str  # lora, diff, left_out (changed but not in the adapter), similar, tied, skipped, failed
     shape: tuple[int, ...]
     rank: int = 0
-    rel_error: float = 0.0  # ||delta - stored|| / ||delta||
+    rel_error: float = 0.0  # ||delta - stored|| / ||delta|| (1 for a tensor left out)
     delta_norm: float = 0.0
+    share: float = 0.0  # ||delta||^2 / the sum over every changed tensor: this tensor's share of the change
     note: str = ""
     passes: int = 0  # randomized SVD: products of the whole difference with a thin matrix (0: exact or none)
 
@@ -91,7 +107,9 @@ class ExtractReport:
     similar: int = 0
     failed: int = 0
     tied: int = 0
+    left_out: int = 0
     rel_error: float = 0.0  # overall: sqrt(sum ||delta - stored||^2) / sqrt(sum ||delta||^2)
+    left_out_error: float = 0.0  # the part of rel_error the tensors left out cost: sqrt(sum of their shares)
     adapter_bytes: int = 0
     tensors_written: int = 0
     files: list[str] = field(default_factory=list)
@@ -99,16 +117,37 @@ class ExtractReport:
     tensors: list[TensorResult] = field(default_factory=list)
     seconds: float = 0.0
     lorafuse_version: str = __version__
+    serving: dict[str, Any] | None = None  # with serving="vllm": serving.ServingVerdict.to_dict() of the output
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def count(self, result: TensorResult) -> None:
         self.tensors.append(result)
-        attr = {"diff": "direct_diff"}.get(result.kind, result.kind)
-        setattr(self, attr, getattr(self, attr) + 1)
-        if result.kind in ("lora", "diff", "failed"):
-            self.processed += 1
+        self._tally(result.kind, 1)
+
+    def _tally(self, kind: str, step: int) -> None:
+        attr = {"diff": "direct_diff"}.get(kind, kind)
+        setattr(self, attr, getattr(self, attr) + step)
+        if kind in ("lora", "diff", "failed", "left_out"):
+            self.processed += step
+
+    def reclassify(self, name: str, kind: str, note: str, rel_error: float = 0.0) -> None:
+        """What the end of a PEFT extraction decided for a tensor counted before (a LoRA stored whole, a bias
+        left out)."""
+        for result in self.tensors:
+            if result.name == name:
+                self._tally(result.kind, -1)
+                self._tally(kind, 1)
+                result.kind, result.rank, result.rel_error, result.note = kind, 0, rel_error, note
+
+    def finish_errors(self) -> None:
+        """The overall error, each changed tensor's share of the change and what the tensors left out cost."""
+        total = sum(t.delta_norm**2 for t in self.tensors)
+        for t in self.tensors:
+            t.share = t.delta_norm**2 / total if total > 0 else 0.0
+        self.rel_error = overall_error(self.tensors)
+        self.left_out_error = math.sqrt(sum(t.share for t in self.tensors if t.kind == "left_out"))
 
 
 @dataclass
@@ -508,7 +547,8 @@ class _PeftState:
     ranks: dict[str, int] = field(default_factory=dict)  # LoRA module -> rank
     embeddings: set[str] = field(default_factory=set)
     conv1d: set[str] = field(default_factory=set)  # LoRA modules that are GPT-2 Conv1D layers (fan_in_fan_out)
-    diffs: dict[str, np.dtype] = field(default_factory=dict)  # changed small tensors -> output dtype
+    diffs: dict[str, np.dtype] = field(default_factory=dict)  # tensors stored whole (modules_to_save) -> dtype
+    biases: dict[str, np.dtype] = field(default_factory=dict)  # changed biases: lora_B.bias where PEFT can merge it
 
 
 def extract(
@@ -521,7 +561,7 @@ def extract(
     energy: float | None = None,
     exact_svd: bool = False,
     device: str = "cpu",
-    min_params: int = 1_000_000,
+    min_params: int | None = None,
     diff_only: bool = False,
     dtype: str | None = "auto",
     oversample: int = 8,
@@ -530,6 +570,9 @@ def extract(
     overwrite: bool = False,
     base_name: str | None = None,
     show_progress: bool | None = None,
+    keep_full: Sequence[str] = (),
+    serving: str | None = None,
+    max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK,
 ) -> ExtractReport:
     """Extract ``tuned - base`` as an adapter written to ``output``.
 
@@ -538,11 +581,19 @@ def extract(
     the tuned tensor's dtype and full differences in fp32 (so they round-trip exactly); or bf16/fp16/fp32 for all.
     ``power_iters``: ``"auto"`` (see :func:`low_rank`) or a fixed count of randomized-SVD power iterations.
     ``device``: where the SVDs run (``cuda`` needs the torch extra); the rest runs on numpy.
+    ``min_params``: diffusion/kohya only (default 1,000,000): smaller tensors are stored as full differences; a
+    PEFT adapter factorises every changed 2-D weight. ``keep_full``: tensor or module names (fnmatch patterns)
+    whose changes are stored whole (PEFT: their modules in ``modules_to_save``). ``serving="vllm"``: write only
+    what vLLM serves (ranks up to ``max_lora_rank``), leave the rest out and report it, and check the result.
     """
     started = time.perf_counter()
     names = writer_of(fmt).names  # a one-line error naming the formats lorafuse writes
     if rank < 1:
         raise LorafuseError(f"--rank must be at least 1 (got {rank})")
+    min_params = _min_params(fmt, min_params)
+    keep_full = tuple(keep_full)
+    if serving is not None:
+        _check_serving(serving, fmt, rank, max_lora_rank, keep_full, diff_only)
     if energy is not None and not 0 < energy <= 1:
         raise LorafuseError(f"--energy must be in (0, 1] (got {energy})")
     if oversample < 0:
@@ -580,6 +631,10 @@ def extract(
                     rank, energy, exact_svd, device, min_params, diff_only, out_dtype, oversample, power_iters, seed
                 )
                 settings.base_config = read_json(base_path / "config.json") if base_path.is_dir() else None
+                settings.keep_full = keep_full
+                settings.tied_embedding = _tied_embedding(settings.base_config, base_ckpt.keys())
+                if serving is not None:
+                    settings.serving = _serving_architecture(settings.base_config, base_path)
                 peft_state = _stream(base_ckpt, tuned_ckpt, spool, names, settings, report, show_progress)
                 if is_dir:
                     config = _peft_finish(
@@ -598,8 +653,11 @@ def extract(
                     report.files = [output_path.name]
             finally:
                 spool.close()
-            if report.tensors_written == 0:
-                report.warnings.append("the tuned model does not differ from the base: the adapter is empty")
+            report.finish_errors()
+            _check_not_empty(report, is_dir)
+            report.warnings += _unmatched_patterns(keep_full, report.tensors)
+            if serving is not None:
+                report.serving = _serving_verdict(out.tmp, output_path, settings.base_config, max_lora_rank)
             report.seconds = time.perf_counter() - started
             if is_dir:
                 (out.tmp / "lorafuse_extract.json").write_text(json.dumps(_provenance(report), indent=2) + "\n")
@@ -611,6 +669,97 @@ def extract(
             tuned_ckpt.close()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _min_params(fmt: str, min_params: int | None) -> int:
+    """The size below which a tensor is stored whole: the seed layout's 1,000,000 for diffusion/kohya; none in PEFT."""
+    if fmt != "peft":
+        return 1_000_000 if min_params is None else min_params
+    if min_params:
+        raise LorafuseError(
+            f"--min-params {min_params} applies to --format diffusion/kohya only: a PEFT adapter factorises every "
+            "changed 2-D weight at --rank (PEFT loads no adapter without LoRA modules); --keep-full NAME stores a "
+            "module whole"
+        )
+    return 0
+
+
+def _check_serving(
+    serving: str, fmt: str, rank: int, max_lora_rank: int, keep_full: tuple[str, ...], diff_only: bool
+) -> None:
+    if serving != "vllm":
+        raise LorafuseError(f"--serving {serving!r}: lorafuse knows the rules of vllm only")
+    check_max_lora_rank(max_lora_rank)
+    if fmt != "peft":
+        raise LorafuseError(f"--serving vllm writes a PEFT adapter (vLLM loads no other): drop --format {fmt}")
+    if rank > max_lora_rank:
+        raise LorafuseError(
+            f"--rank {rank} is above --max-lora-rank {max_lora_rank} (vLLM's max_lora_rank): pass a lower --rank, "
+            "or the --max-lora-rank the server runs with"
+        )
+    if keep_full or diff_only:
+        flag = "--keep-full" if keep_full else "--diff-only"
+        raise LorafuseError(f"{flag} stores modules_to_save, which vLLM {VLLM_VERSION} refuses: drop {flag}")
+
+
+def _serving_architecture(base_config: dict[str, Any] | None, base_path: Path) -> VllmArchitecture:
+    """The base's vLLM LoRA modules; an architecture lorafuse holds no rules for is refused (never guessed)."""
+    name, arch = vllm_architecture((base_config or {}).get("architectures"))
+    if arch is None:
+        raise LorafuseError(
+            f"{base_path}: {architecture_refusal(name)}: extract without --serving and check the adapter against "
+            "the model's file in vLLM"
+        )
+    return arch
+
+
+def _serving_verdict(
+    folder: Path, output: Path, base_config: dict[str, Any] | None, max_lora_rank: int
+) -> dict[str, Any]:
+    """vLLM's check of the adapter written (before it is committed): a failing rule is lorafuse's own bug."""
+    verdict = check_vllm_path(folder, base_config, max_lora_rank)
+    if verdict.servable is not True:
+        failed = next(f for f in verdict.findings if f.ok is not True)
+        raise AdapterError(
+            f"{output}: the vLLM {VLLM_VERSION} check of the adapter failed: {failed.rule}: {failed.detail}"
+        )
+    return verdict.to_dict()
+
+
+def _tied_embedding(base_config: dict[str, Any] | None, keys: list[str]) -> bool:
+    """True when the output head is the input embedding (config.json ``tie_word_embeddings``, transformers'
+    default True; without a config: no ``lm_head.weight`` stored)."""
+    if base_config is not None:
+        return bool(base_config.get("tie_word_embeddings", True))
+    return OUTPUT_EMBEDDING not in keys
+
+
+def _check_not_empty(report: ExtractReport, is_dir: bool) -> None:
+    """An adapter with no tensor: a warning when nothing changed; an error when changes were all left out (PEFT
+    refuses to load an adapter without LoRA modules)."""
+    if report.tensors_written:
+        return
+    left = [t.name for t in report.tensors if t.kind == "left_out"]
+    if left and is_dir:
+        raise AdapterError(
+            f"every change was left out ({len(left)} tensors, e.g. {left[0]}), so the adapter would be empty: "
+            "--keep-full NAME stores them whole, or use --format diffusion"
+        )
+    report.warnings.append("the tuned model does not differ from the base: the adapter is empty")
+
+
+def _keeps_full(name: str, patterns: tuple[str, ...]) -> bool:
+    module = name.rpartition(".")[0]
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(module, p) for p in patterns)
+
+
+def _unmatched_patterns(patterns: tuple[str, ...], results: list[TensorResult]) -> list[str]:
+    changed = [t.name for t in results if t.delta_norm > 0]
+    return [
+        f"--keep-full {p!r} matched no changed tensor"
+        for p in patterns
+        if not any(_keeps_full(n, (p,)) for n in changed)
+    ]
 
 
 @dataclass
@@ -626,6 +775,9 @@ class _Settings:
     power_iters: int | str
     seed: int
     base_config: dict[str, Any] | None = None  # the base's config.json: which layers are GPT-2 Conv1D
+    keep_full: tuple[str, ...] = ()  # fnmatch patterns of tensors or modules stored whole
+    tied_embedding: bool = False  # the output head is the input embedding
+    serving: VllmArchitecture | None = None  # serving="vllm": what vLLM puts LoRAs on in the base's architecture
 
 
 def _provenance(report: ExtractReport) -> dict[str, Any]:
@@ -674,7 +826,6 @@ def _stream(
                 continue
             result = _extract_one(name, binfo, tinfo, base, tuned, spool, layout, settings, state, workspace, pair)
             report.count(result)
-    report.rel_error = overall_error(report.tensors)
     return state
 
 
@@ -714,10 +865,20 @@ def _extract_one(
     if not math.isfinite(norm):  # before any SVD or rounding: never a NaN adapter with "error 0.000e+00"
         _refuse_nonfinite(name, tuned_value, base_value, tuned, base, delta)
     shape = tuple(binfo.shape)
-    if settings.diff_only or delta.ndim < 2 or delta.size < settings.min_params:
+    module, attr = _module_of(name)
+    peft = layout.fmt == "peft"
+    kept = settings.diff_only or _keeps_full(name, settings.keep_full)
+    if peft and not kept:
+        reason = _left_out_reason(name, module, attr, delta.ndim, settings)
+        if reason == "bias":  # lora_B.bias or left out: decided at the end, once every LoRA layer is known
+            reason, state.biases[name] = None, settings.out_dtype or F32
+        if reason is not None:
+            return TensorResult(name, "left_out", shape, rel_error=1.0, delta_norm=norm, note=reason)
+    if kept or (not peft and (delta.ndim < 2 or delta.size < settings.min_params)) or name in state.biases:
         stored_dtype = settings.out_dtype or F32
-        if layout.fmt == "peft":
-            state.diffs[name] = stored_dtype  # written at the end, as modules_to_save or lora_B.bias
+        if peft:
+            if name not in state.biases:
+                state.diffs[name] = stored_dtype  # written at the end, as modules_to_save
             err_sq = _rounding_error_sq(delta, stored_dtype, workspace)
         else:
             key = layout.diff_name(name)
@@ -729,10 +890,9 @@ def _extract_one(
             err_sq = _rounding_error_sq(delta, stored_dtype, workspace, rounded)
         err = math.sqrt(err_sq) / norm if norm else 0.0
         return TensorResult(name, "diff", shape, rel_error=err, delta_norm=norm)
-    module, attr = _module_of(name)
     if attr != "weight" or not module:
         return TensorResult(name, "failed", shape, delta_norm=norm, note="only .weight tensors are factorised")
-    embedding = layout.fmt == "peft" and name.endswith(EMBEDDING_SUFFIXES) and delta.ndim == 2
+    embedding = peft and name.endswith(EMBEDDING_SUFFIXES) and delta.ndim == 2
     # PEFT's lora_B @ lora_A is the transpose of a Conv1D weight (in, out) and of an embedding (num, dim).
     transposed = embedding or (
         layout.fmt == "peft" and delta.ndim == 2 and bool(is_conv1d_weight(settings.base_config, name))
@@ -774,6 +934,29 @@ def _extract_one(
     if transposed and not embedding:
         state.conv1d.add(module)
     return TensorResult(name, "lora", shape, rank=k, rel_error=err, delta_norm=norm, passes=factors.passes)
+
+
+def _left_out_reason(name: str, module: str, attr: str, ndim: int, settings: _Settings) -> str | None:
+    """Why a changed tensor stays out of a PEFT adapter (None: it is factorised), or ``"bias"`` for a changed
+    bias, which becomes lora_B.bias where PEFT can merge it (never for vLLM, which refuses lora_bias)."""
+    keep = "--keep-full NAME stores it whole (modules_to_save)"
+    if settings.serving is not None:
+        keep = f"vLLM {VLLM_VERSION} refuses modules_to_save: merge instead to keep it"
+    if ndim < 2 or attr != "weight" or not module:
+        if attr == "bias" and ndim == 1 and module:
+            if settings.serving is None:
+                return "bias"
+            return f"bias: vLLM {VLLM_VERSION} refuses lora_bias and modules_to_save: merge instead to keep it"
+        what = "1-D" if ndim < 2 else f"not a .weight ({attr})"
+        return f"{what}: a LoRA cannot hold it; {keep}"
+    if name.endswith(EMBEDDING_SUFFIXES) and settings.tied_embedding:
+        return (
+            "tied to the output head: a PEFT (and vLLM) embedding LoRA changes the input side only; "
+            "merge instead, or use --format diffusion"
+        )
+    if settings.serving is not None and module.rpartition(".")[2] not in settings.serving.adapter_modules():
+        return f"vLLM {VLLM_VERSION} has no LoRA for {module.rpartition('.')[2]} in this architecture; merge instead"
+    return None
 
 
 def _rounding_error_sq(
@@ -854,39 +1037,60 @@ def _peft_finish(
     base_name: str | None,
     report: ExtractReport,
 ) -> dict[str, Any]:
-    """Write the full differences a PEFT adapter can carry exactly, and build adapter_config.json.
+    """Write what the PEFT adapter carries beside its LoRAs, and build adapter_config.json.
 
-    A changed bias of a LoRA module becomes ``lora_B.bias`` (PEFT ``lora_bias``) when every LoRA layer has a bias
-    (PEFT cannot merge it otherwise; then such modules are stored whole). Any other changed small tensor makes its
-    module a ``modules_to_save`` entry, which stores every parameter of that module (tuned values).
+    A module with a tensor stored whole (``--keep-full``, ``--diff-only``) is a ``modules_to_save`` entry, which
+    stores every parameter of that module (tuned values), its LoRA dropped. A changed bias of a LoRA module becomes
+    ``lora_B.bias`` (PEFT ``lora_bias``) when every LoRA layer has a bias (PEFT cannot merge it otherwise); other
+    changed biases are left out and reported.
     """
     keys = base.keys()
-    modules_to_save: list[str] = []
-    biased = [m for m in state.ranks if f"{m}.bias" in state.diffs and m not in state.embeddings]
-    # PEFT cannot merge lora_bias into a layer without a bias: then store those modules whole instead.
-    lora_bias = bool(biased) and all(f"{m}.bias" in base for m in state.ranks)
-    if biased and not lora_bias:
-        for module in biased:
-            up, down, _ = get_format("peft").names.lora_names(module)
-            spool.discard(up)
-            spool.discard(down)
-            del state.ranks[module]
-            state.diffs[f"{module}.weight"] = settings.out_dtype or dtype_of(tuned.infos[f"{module}.weight"].code)
-            for result in report.tensors:
-                if result.name == f"{module}.weight":
-                    result.kind, result.rank, result.rel_error, result.note = "diff", 0, 0.0, "modules_to_save"
-                    report.lora -= 1
-                    report.direct_diff += 1
-    for name in state.diffs:
-        module, attr = _module_of(name)
-        if lora_bias and module in state.ranks and attr == "bias":
-            continue
-        if module in state.ranks or module in modules_to_save:
+    whole = _whole_modules(keys, state, spool, settings, tuned, report)
+    lora_layers = [m for m in state.ranks if m not in state.embeddings]
+    biased = [m for m in lora_layers if f"{m}.bias" in state.biases]
+    without = next((m for m in lora_layers if f"{m}.bias" not in base), None)
+    lora_bias = bool(biased) and without is None
+    for name in state.biases:
+        module = _module_of(name)[0]
+        if module in whole:
+            report.reclassify(name, "diff", "modules_to_save")
+        elif not (lora_bias and module in state.ranks):
+            why = "its weight did not change, so the module has no LoRA to carry it"
             if module in state.ranks:
-                raise AdapterError(
-                    f"{name} changed in a module whose weight is a LoRA; the PEFT format cannot hold both: "
-                    "use --format diffusion"
-                )
+                why = f"PEFT's lora_bias needs a bias on every LoRA layer ({without} has none)"
+            report.reclassify(name, "left_out", f"bias: {why}; --keep-full NAME stores it whole", 1.0)
+    for module in whole:
+        for key in (k for k in keys if k.rpartition(".")[0] == module):
+            value = tuned.array(key)
+            _require_finite(value, tuned, key, "tuned")  # stored whole (modules_to_save), changed or not
+            dtype = state.diffs.get(key) or settings.out_dtype or value.dtype
+            spool.add(f"{PEFT_PREFIX}{key}", _as_dtype(value, dtype))
+    if lora_bias:
+        for module in lora_layers:
+            bias = f"{module}.bias"
+            if bias in state.biases:
+                with np.errstate(over="ignore"):  # checked finite when it was extracted
+                    delta = _f32(tuned.array(bias)) - _f32(base.array(bias))
+                spool.add(f"{PEFT_PREFIX}{module}.lora_B.bias", round_to(delta, state.biases[bias]))
+            else:  # zeros keep PEFT from reporting missing keys
+                spool.add(f"{PEFT_PREFIX}{module}.lora_B.bias", np.zeros(base.infos[bias].shape, dtype=F32))
+    return _peft_config(keys, state, settings, base_path, base_name, sorted(whole), lora_bias)
+
+
+def _whole_modules(
+    keys: list[str],
+    state: _PeftState,
+    spool: SpoolWriter,
+    settings: _Settings,
+    tuned: Checkpoint,
+    report: ExtractReport,
+) -> list[str]:
+    """The modules stored whole (``modules_to_save``): those of the tensors kept full; a LoRA of such a module is
+    dropped (its weight is stored whole with it)."""
+    whole: list[str] = []
+    for name in list(state.diffs):
+        module = _module_of(name)[0]
+        if module in whole:
             continue
         children = [k for k in keys if k.startswith(module + ".")]
         if not module or any("." in k[len(module) + 1 :] for k in children):
@@ -894,24 +1098,20 @@ def _peft_finish(
                 f"{name} changed but its module holds sub-modules, so PEFT's modules_to_save would copy all of "
                 "them: use --format diffusion (or --format kohya) for this model"
             )
-        modules_to_save.append(module)
-    for module in modules_to_save:
-        for key in (k for k in keys if k.rpartition(".")[0] == module):
-            value = tuned.array(key)
-            _require_finite(value, tuned, key, "tuned")  # stored whole (modules_to_save), changed or not
-            dtype = state.diffs.get(key) or settings.out_dtype or value.dtype
-            spool.add(f"{PEFT_PREFIX}{key}", _as_dtype(value, dtype))
-    if lora_bias:
-        for module in state.ranks:
-            bias = f"{module}.bias"
-            if bias in state.diffs:
-                with np.errstate(over="ignore"):  # checked finite when it was extracted
-                    delta = _f32(tuned.array(bias)) - _f32(base.array(bias))
-                spool.add(f"{PEFT_PREFIX}{module}.lora_B.bias", round_to(delta, state.diffs[bias]))
-            elif bias in base:  # zeros keep PEFT from reporting missing keys; layers without a bias get none
-                spool.add(f"{PEFT_PREFIX}{module}.lora_B.bias", np.zeros(base.infos[bias].shape, dtype=F32))
-    report.rel_error = overall_error(report.tensors)
-    return _peft_config(keys, state, settings, base_path, base_name, sorted(modules_to_save), lora_bias)
+        whole.append(module)
+        if module in state.ranks:
+            names = get_format("peft").names.lora_names(module)[:2]
+            if module in state.embeddings:
+                names = (f"{PEFT_PREFIX}{module}.lora_embedding_B", f"{PEFT_PREFIX}{module}.lora_embedding_A")
+            for key in names:
+                spool.discard(key)
+            del state.ranks[module]
+            state.embeddings.discard(module)
+            state.conv1d.discard(module)
+            weight = f"{module}.weight"
+            state.diffs[weight] = settings.out_dtype or dtype_of(tuned.infos[weight].code)
+            report.reclassify(weight, "diff", "modules_to_save")
+    return whole
 
 
 def _peft_config(

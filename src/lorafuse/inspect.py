@@ -1,10 +1,12 @@
 """``lorafuse inspect``: what an adapter or a model folder holds, read from headers and small tensors only.
 
-For an adapter (any format :func:`lorafuse.formats.read_adapter` reads): format, ranks, alphas, scalings,
-rsLoRA/DoRA, target modules, parameter count, the base model it names, and per module what its edit describes
-itself as and the Frobenius norm of its update (``||scale * B @ A||_F`` from the two r x r Gram matrices instead
-of the full product: :meth:`lorafuse.edits.Edit.delta_norm`). For a model: architecture, dtypes, parameter count,
-shards, tied embeddings and quantization. numpy only: no torch unless a pickled adapter needs it.
+For an adapter (any format :func:`lorafuse.formats.read_adapter` reads): format, PEFT tuner type, target modules,
+parameter count, the base model it names, and per module what its edit describes itself as (kind and its own size
+fields, :meth:`lorafuse.edits.Edit.describe`) and the Frobenius norm of its update where the base does not set it
+(LoRA's ``||scale * B @ A||_F`` from the two r x r Gram matrices instead of the full product:
+:meth:`lorafuse.edits.Edit.delta_norm`); LoRA's own fields (alphas, scalings, rsLoRA/DoRA) for LoRA only. For a
+model: architecture, dtypes, parameter count, shards, tied embeddings and quantization. numpy only: no torch unless
+a pickled adapter needs it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from .errors import InputError, LorafuseError
 from .io.checkpoint import Checkpoint, open_model
 from .io.extra_files import read_json
 from .quantized import detect_quantization
+from .report import format_bytes
+from .report import text_table as _table
+from .serving import VLLM_DEFAULT_MAX_LORA_RANK, check_max_lora_rank, check_vllm_path, render_verdict
 
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_EXTRAS = (
@@ -53,9 +58,16 @@ BASE_METADATA_KEYS = (
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
 
 
+# The edit kinds of a LoRA adapter: their scale is PEFT's lora_alpha / r (rsLoRA: / sqrt(r)).
+LORA_KINDS = ("lora", "dora", "kasa")
+# Fields of a module row that are not the sizes its edit reports.
+ROW_FIELDS = ("target", "kind", "source_key", "norm", "zero_effect", "alpha", "optional")
+
+
 def _edit_row(target: str, edit: Edit, rslora: bool) -> dict[str, Any]:
-    """One module's row: what the edit describes itself as (kind, rank, scale, shape...), LoRA's alpha,
-    ``||update||_F`` (None when the change depends on the base) and whether it changes nothing."""
+    """One module's row: what the edit describes itself as (kind and its own size fields: rank, scale, block
+    size ...), LoRA's alpha, ``||update||_F`` (None when the change depends on the base) and whether it changes
+    nothing."""
     loaded: dict[str, np.ndarray] = {}
 
     def load(ref: TensorRef) -> np.ndarray:  # norm and zero check read the same factors: once
@@ -64,11 +76,21 @@ def _edit_row(target: str, edit: Edit, rslora: bool) -> dict[str, Any]:
         return loaded[ref.name]
 
     row: dict[str, Any] = {"target": target, **edit.describe(), "source_key": edit.source_key}
-    if "rank" in row:  # a low-rank update: scale = alpha / r (rsLoRA: alpha / sqrt(r))
+    if row["kind"] in LORA_KINDS and "rank" in row and "scale" in row:
         row["alpha"] = row["scale"] * (math.sqrt(row["rank"]) if rslora else row["rank"])
     row["norm"] = edit.delta_norm(load)
     row["zero_effect"] = edit.no_effect(load)
     return row
+
+
+def _sizes(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Every scalar size field the modules' edits report (rank, scale, block_size ...), with its distinct values."""
+    sizes: dict[str, set[Any]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key not in ROW_FIELDS and isinstance(value, (bool, int, float, str)):
+                sizes.setdefault(key, set()).add(round(value, 6) if isinstance(value, float) else value)
+    return {key: sorted(values, key=str) for key, values in sizes.items()}
 
 
 def _checkpoints(edits: list[Any]) -> list[Checkpoint]:
@@ -111,12 +133,24 @@ def _base_shapes(base: str | Path | None) -> dict[str, tuple[int, ...]] | None:
         return {name: info.shape for name, info in checkpoint.infos.items()}
 
 
-def inspect_adapter(path: str | Path, fmt: str | None = None, base: str | Path | None = None) -> dict[str, Any]:
+def inspect_adapter(
+    path: str | Path,
+    fmt: str | None = None,
+    base: str | Path | None = None,
+    serving: str | None = None,
+    max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK,
+) -> dict[str, Any]:
     """A report on the adapter at ``path`` (see the module docstring); JSON-serialisable.
 
     ``base`` (a model folder or file) resolves names for formats that need the base model (kohya); without it
-    such modules are listed under their own names.
+    such modules are listed under their own names. ``serving="vllm"`` adds ``serving``: whether vLLM serves the
+    adapter as it is (:func:`lorafuse.serving.check_vllm_path`; the model's rules read from ``base``'s config.json,
+    or from the folder the adapter names as its base).
     """
+    if serving is not None and serving != "vllm":
+        raise LorafuseError(f"--serving {serving!r}: lorafuse knows the rules of vllm only")
+    if serving is not None:
+        check_max_lora_rank(max_lora_rank)
     from .formats import detect_format, read_adapter
 
     path = Path(path)
@@ -130,7 +164,7 @@ def inspect_adapter(path: str | Path, fmt: str | None = None, base: str | Path |
     rslora = bool(extras.get("use_rslora", False))
     checkpoints = _checkpoints(adapter.edits)
     try:
-        rows = [_edit_row(t.target, t.edit, rslora) for t in adapter.edits]
+        rows = [{**_edit_row(t.target, t.edit, rslora), "optional": t.optional} for t in adapter.edits]
         parameters = sum(info.numel for ckpt in checkpoints for info in ckpt.infos.values())
         metadata: dict[str, str] = {}
         for ckpt in checkpoints:
@@ -141,19 +175,27 @@ def inspect_adapter(path: str | Path, fmt: str | None = None, base: str | Path |
     base_model = (peft_config or {}).get("base_model_name_or_path") or next(
         (metadata[k] for k in BASE_METADATA_KEYS if metadata.get(k)), None
     )
-    lora_rows = [r for r in rows if "rank" in r]
+    tuner = str((peft_config or {}).get("peft_type") or "LORA").upper() if adapter.fmt == "peft" else None
+    lora_rows = [r for r in rows if r["kind"] in LORA_KINDS]
+    # LoRA's own fields (alpha, scaling, rsLoRA, DoRA) for a LoRA adapter only: another tuner has none of them
+    lora = tuner == "LORA" or (tuner is None and bool(lora_rows))
     kinds = Counter(r["kind"] for r in rows)
+    verdict = None
+    if serving is not None:
+        verdict = check_vllm_path(path, _base_config(base, base_model), max_lora_rank).to_dict()
     return {
         "kind": "adapter",
         "path": str(path),
         "format": adapter.fmt,
+        "tuner": tuner,
         "files": [str(f) for f in adapter.files],
         "base_model": base_model,
-        "ranks": sorted({r["rank"] for r in lora_rows}),
-        "alphas": _distinct([r["alpha"] for r in lora_rows]),
-        "scalings": _distinct([r["scale"] for r in lora_rows]),
-        "use_rslora": rslora,
-        "use_dora": bool(extras.get("use_dora", kinds.get("dora", 0) > 0)),
+        "ranks": sorted({r["rank"] for r in rows if isinstance(r.get("rank"), int)}),
+        "alphas": _distinct([r["alpha"] for r in lora_rows if "alpha" in r]) if lora else None,
+        "scalings": _distinct([r["scale"] for r in lora_rows if "scale" in r]) if lora else None,
+        "use_rslora": rslora if lora else None,
+        "use_dora": bool(extras.get("use_dora", kinds.get("dora", 0) > 0)) if lora else None,
+        "sizes": _sizes(rows),
         "target_modules": extras.get("target_modules", adapter.target_modules),
         "modules_targeted": len({r["target"] for r in rows}),
         "edit_kinds": dict(kinds),
@@ -161,7 +203,18 @@ def inspect_adapter(path: str | Path, fmt: str | None = None, base: str | Path |
         "config": extras,
         "modules": rows,
         "zero_effect": [r["target"] for r in rows if r["zero_effect"]],
+        "serving": verdict,
     }
+
+
+def _base_config(base: str | Path | None, named: str | None) -> dict[str, Any] | None:
+    """The base model's config.json: from ``base``, else from the local folder the adapter names, else None."""
+    for folder in (base, named):
+        if folder is not None and Path(folder).is_dir():
+            config = read_json(Path(folder) / "config.json")
+            if config is not None:
+                return config
+    return None
 
 
 def _weight_folder(path: Path) -> bool:
@@ -249,13 +302,26 @@ def is_adapter(path: Path) -> bool:
     return True
 
 
-def inspect_path(path: str | Path, fmt: str | None = None, base: str | Path | None = None) -> dict[str, Any]:
-    """Inspect an adapter (when ``fmt`` is given or the path looks like one) or a model."""
+def inspect_path(
+    path: str | Path,
+    fmt: str | None = None,
+    base: str | Path | None = None,
+    serving: str | None = None,
+    max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK,
+) -> dict[str, Any]:
+    """Inspect an adapter (when ``fmt`` is given or the path looks like one) or a model; ``serving`` (adapters
+    only): the serving engine to check the adapter against (``vllm``)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist: pass an adapter or a model folder")
+    if path.suffix == ".gguf" and path.is_file() and fmt is None:  # llama.cpp's format: gguf_inspect.py
+        from .gguf_inspect import inspect_gguf
+
+        return inspect_gguf(path)
     if fmt is not None or is_adapter(path):
-        return inspect_adapter(path, fmt, base)
+        return inspect_adapter(path, fmt, base, serving, max_lora_rank)
+    if serving is not None:
+        raise InputError(f"{path} is a model, not an adapter: --serving checks an adapter against the engine's rules")
     return inspect_model(path)
 
 
@@ -278,22 +344,45 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n}{unit}"
 
 
-def _table(rows: list[list[str]], header: list[str]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return lines
+def _size_text(row: dict[str, Any]) -> str:
+    """A module's size fields as its edit reports them: ``rank=4 scale=2 shape=32x48``."""
+    parts = []
+    for key, value in row.items():
+        if key in ROW_FIELDS or value is None:
+            continue
+        if isinstance(value, float):
+            value = _fmt_num(value)
+        elif isinstance(value, list) and key == "shape":
+            value = "x".join(map(str, value))
+        elif isinstance(value, list) and key == "tokens" and len(value) > 4:
+            value = ",".join(map(str, value[:4])) + f",... ({len(value)})"
+        elif isinstance(value, list):
+            value = json.dumps(value, separators=(",", ":"))
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
 
 
 def render_adapter(report: dict[str, Any]) -> str:
     lines = [
         f"adapter      {report['path']}",
         f"format       {report['format']}",
+        f"tuner        {report.get('tuner') or '-'}",
         f"base model   {report['base_model'] or '(not named)'}",
-        f"rank         {', '.join(map(str, report['ranks'])) or '-'}",
-        f"alpha        {', '.join(_fmt_num(a) for a in report['alphas']) or '-'}",
-        f"scaling      {', '.join(_fmt_num(s) for s in report['scalings']) or '-'}",
-        f"rslora/dora  {report['use_rslora']}/{report['use_dora']}",
+    ]
+    if report["use_rslora"] is not None:  # a LoRA adapter
+        lines += [
+            f"rank         {', '.join(map(str, report['ranks'])) or '-'}",
+            f"alpha        {', '.join(_fmt_num(a) for a in report['alphas']) or '-'}",
+            f"scaling      {', '.join(_fmt_num(s) for s in report['scalings']) or '-'}",
+            f"rslora/dora  {report['use_rslora']}/{report['use_dora']}",
+        ]
+    else:
+        sizes = "; ".join(
+            f"{key} {', '.join(_fmt_num(v) if isinstance(v, float) else str(v) for v in values)}"
+            for key, values in report["sizes"].items()
+        )
+        lines.append(f"sizes        {sizes or '-'}")
+    lines += [
         f"targets      {json.dumps(report['target_modules'])}",
         f"parameters   {_human(report['parameters'])} ({report['parameters']})",
         f"edits        {', '.join(f'{k}: {v}' for k, v in report['edit_kinds'].items())}",
@@ -303,16 +392,21 @@ def render_adapter(report: dict[str, Any]) -> str:
         [
             r["target"],
             r["kind"],
-            str(r.get("rank", "-")),
-            _fmt_num(r.get("scale")),
-            _fmt_num(r["norm"]),
-            "zero effect" if r["zero_effect"] else "",
+            _size_text(r),
+            "depends on the base" if r["norm"] is None else _fmt_num(r["norm"]),
+            "zero effect" if r["zero_effect"] else ("where the base has it" if r.get("optional") else ""),
         ]
         for r in report["modules"]
     ]
-    lines += _table(rows, ["target", "kind", "rank", "scale", "||dW||_F", ""])
+    lines += _table(rows, ["target", "kind", "size", "||dW||_F", ""])
     if report["zero_effect"]:
-        lines += ["", f"{len(report['zero_effect'])} module(s) change nothing (lora_B or the difference is all zeros)"]
+        lines += [
+            "",
+            f"{len(report['zero_effect'])} module(s) change nothing (their trained tensors leave the weight as it "
+            "is: a zero lora_B or difference, an untrained tuner)",
+        ]
+    if report.get("serving"):
+        lines += ["", *render_verdict(report["serving"])]
     return "\n".join(lines)
 
 
@@ -334,7 +428,7 @@ def render_model(report: dict[str, Any]) -> str:
         f"architecture {', '.join(report['architectures'] or []) or '-'} ({report['model_type'] or '-'})",
         f"dtypes       {dtypes}" + (f"; config says {report['config_dtype']}" if report["config_dtype"] else ""),
         f"parameters   {_human(report['parameters'])} ({report['parameters']}) in {report['tensors']} tensors",
-        f"size         {_human(report['bytes'], 'B')} in {len(report['shards'])} file(s)"
+        f"size         {format_bytes(report['bytes'])} file bytes in {len(report['shards'])} file(s)"
         + (f" with index {report['index']}" if report["index"] else ""),
         f"tied embed.  {report['tied_embeddings'] if report['tied_embeddings'] is not None else '- (no config.json)'}",
         f"quantization {quant_line}",
@@ -345,12 +439,16 @@ def render_model(report: dict[str, Any]) -> str:
         lines.append(f"merged by    lorafuse {merged['lorafuse_version']}: {merged['base']} + {adapters}")
     if len(report["shards"]) > 1:
         lines += [""] + _table(
-            [[s["file"], _human(s["bytes"], "B"), str(s["tensors"])] for s in report["shards"]],
-            ["shard", "size", "tensors"],
+            [[s["file"], format_bytes(s["bytes"]), str(s["tensors"])] for s in report["shards"]],
+            ["shard", "file bytes", "tensors"],
         )
     return "\n".join(lines)
 
 
 def render(report: dict[str, Any]) -> str:
     """The readable table for a report from :func:`inspect_path`."""
+    if report["kind"] == "gguf":
+        from .gguf_inspect import render_gguf
+
+        return render_gguf(report)
     return render_adapter(report) if report["kind"] == "adapter" else render_model(report)

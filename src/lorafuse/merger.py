@@ -24,25 +24,36 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from .arrays import code_of, parse_dtype, short_name
+from .arrays import code_of, short_name
+from .batch.shard_merge import ShardRun, write_sharded
+from .batch.shard_merge import available_check as check_shard_run
+from .conv1d import conv1d_modules as parse_conv1d_modules
 from .engine import kernel
 from .errors import LorafuseError
 from .formats import read_adapter
 from .io import prefill as prefill_io
 from .io.checkpoint import Checkpoint, open_model
-from .io.extra_files import TOKENIZER_FILES, read_json
+from .io.extra_files import TokenizerFiles, extra_file_names, find_tokenizer, read_json
 from .io.layout import Slot, parse_size
 from .io.output import AtomicOutput, OutputState, check_output
 from .io.prefill import Prefill
+from .part_weights import recorded as recorded_part_weights
+from .part_weights import set_part_weights
+from .part_weights import specs_of as part_weights_of
 from .peft_flags import strengths
+from .pipeline import Pipeline, is_pipeline, open_pipeline, write_pipeline
+from .pipeline import check_request as check_pipeline_request
 from .plan import AdapterInput, MergePlan, build_plan, nonfinite_warning
-from .report import MergeReport, sha256_file
+from .progress import ByteBar, PrefillProgress
+from .quantized import measure_fp8_scales, parse_merge_dtype
+from .report import PROVENANCE_NAME, MergeReport, sha256_file
 from .sources import resolve_merge_inputs
 from .torch_bridge import check_device
-from .writers import get_writer
+from .writers import ModelWriter, get_writer
 from .writers.folder import finish_folder
+from .writers.gguf import check_gguf_base, check_gguf_request, write_gguf
+from .writers.model_card import CARD_NAME
 from .writers.provenance import provenance_metadata
 
 log = logging.getLogger("lorafuse")
@@ -64,18 +75,27 @@ def output_slots(plan: MergePlan) -> list[Slot]:
 
 
 def start_prefill(
-    base: Path, output: Path, max_shard_size: str | int, overwrite: bool, inputs: Sequence[Path], dtype: Any, fmt: str
+    base: Path,
+    output: Path,
+    max_shard_size: str | int,
+    overwrite: bool,
+    inputs: Sequence[Path],
+    dtype: Any,
+    fmt: str,
+    progress: PrefillProgress | None = None,
 ) -> Prefill | None:
     """The prefill, where it can apply: a local base folder, a folder output of a format that can adopt it
     (safetensors), dtypes kept.
 
     ``LORAFUSE_PREFILL=0`` turns it off. None when it does not apply (io/prefill.speculate says why not).
+    ``progress`` counts its copy on the merge's bar.
     """
     if os.environ.get("LORAFUSE_PREFILL", "1") == "0" or not get_writer(fmt).uses_prefill or dtype is not None:
         return None
     if not base.is_dir():
         return None
-    return prefill_io.speculate(base, output, max_shard_size, overwrite, list(inputs))
+    on_copy = progress.copied if progress is not None else None
+    return prefill_io.speculate(base, output, max_shard_size, overwrite, list(inputs), on_copy)
 
 
 def write_model(
@@ -89,17 +109,22 @@ def write_model(
     single_file: Path | None = None,
     prefill: Prefill | None = None,
     metadata: dict[str, str] | None = None,
+    prefill_progress: PrefillProgress | None = None,
+    writer: ModelWriter | None = None,
 ) -> WrittenModel:
     """Stream the plan through the kernel into the ``out_format`` writer's files in ``folder`` (or one file at
     ``single_file``), index included.
 
     ``prefill``: an early copy of the base into ``folder``; used when its layout is this plan's, else stopped and its
     files removed first (the caller discards it afterwards either way). ``metadata``: strings stored in each
-    file by formats that hold them (safetensors).
+    file by formats that hold them (safetensors). ``progress`` is told the bytes of each tensor written; the
+    tensors the prefill holds are counted as it copies them, through ``prefill_progress`` (the one it reports to).
+    ``writer``: one the caller set up (GGUF), instead of ``out_format``'s.
     """
     check_device(device)
-    writer = get_writer(out_format)
+    writer = writer or get_writer(out_format)
     writer.check_available()
+    measure_fp8_scales(plan)  # merged fp8 weights of a scaled fp8 base: their new scales, before any byte
     slots = output_slots(plan)
     if single_file is not None:
         folder = single_file.parent
@@ -112,8 +137,17 @@ def write_model(
         else:
             prefill.skip({t.name for t in plan.tensors if not kernel.copied(t, plan)})
     sink = writer.open(folder, layout, metadata, prefill)
+    by_name = {s.name: s for s in slots}
+    if prefill is not None and prefill_progress is not None and progress is not None:
+        infos = plan.base.infos
+        held = {
+            t.name
+            for t in plan.tensors
+            if kernel.copied(t, plan) and sink.holds(by_name[t.name], infos[t.source].path, infos[t.source].offset)
+        }  # what the kernel leaves to the prefill (the same test as the kernel's)
+        prefill_progress.attach(progress, held)
     try:
-        nonfinite = kernel.run(plan, sink, {s.name: s for s in slots}, progress, device)
+        nonfinite = kernel.run(plan, sink, by_name, progress, device)
         if prefill is not None:
             prefill.finish()  # its failure (disk full) is this merge's
     except BaseException:
@@ -121,6 +155,8 @@ def write_model(
             prefill.cancel()
         raise
     finally:
+        if prefill_progress is not None:
+            prefill_progress.detach()
         sink.close()
     writer.finish(folder, layout)
     return WrittenModel(layout.files, {s.name: s for s in slots}, sum(s.nbytes for s in slots), nonfinite)
@@ -132,9 +168,12 @@ def plan_merge(
     dtype: np.dtype | None,
     base_config: dict[str, Any] | None,
     allow_unmatched: bool = False,
+    conv1d_modules: frozenset[str] | None = None,
 ) -> MergePlan:
     """The merge plan, its warnings logged."""
-    plan = build_plan(checkpoint, inputs, dtype, base_config, allow_unmatched=allow_unmatched)
+    plan = build_plan(
+        checkpoint, inputs, dtype, base_config, allow_unmatched=allow_unmatched, conv1d_modules=conv1d_modules
+    )
     for warning in plan.warnings:
         log.warning(warning)
     return plan
@@ -177,6 +216,11 @@ def merge(
     work_dir: str | Path | None = None,
     default_hub: str = "hf",
     allow_unmatched: bool = False,
+    conv1d_modules: str | Sequence[str] | None = None,
+    outtype: str = "auto",
+    requant: str = "q8_0",
+    part_weights: Sequence[Mapping[str, float] | None] | Sequence[str] | None = None,
+    shard_run: ShardRun | None = None,
 ) -> MergeReport:
     """Merge ``adapters`` (in order, each scaled by its weight) into ``base`` and write the result to ``output``.
 
@@ -189,7 +233,14 @@ def merge(
     ``adapter_config.json``. ``adapter_ref``/``adapter_subfolder``/``adapter_config``, ``cache_dir``,
     ``base_revision`` and ``work_dir`` are described in :func:`lorafuse.sources.resolve_merge_inputs`.
     ``allow_unmatched`` skips (with a warning) adapter tensors whose target the base does not have.
-    ``out_format="bin"`` and ``device="cuda"`` need the torch extra.
+    ``conv1d_modules`` names the base's GPT-2 Conv1D modules ("c_attn,c_proj", or "none") where its config.json
+    cannot tell (a single file, custom code): square 2-D LoRA updates are refused without one of the two.
+    ``out_format="bin"`` and ``device="cuda"`` need the torch extra; ``out_format="gguf"`` (one ``.gguf`` file at
+    ``output``, ``outtype`` its tensor type; implied by an ``output`` ending in ``.gguf``; from a ``.gguf`` base,
+    ``requant`` the type of merged tensors gguf-py cannot quantize back: writers/gguf.py) the gguf extra.
+    ``part_weights``: per-part strengths of diffusion LoRAs, as ``--part-weight`` strings (``"te=0.5"``,
+    ``"2:unet=0.8"``) or one ``{PART: W}`` mapping per adapter (part_weights.py), on top of ``weights``.
+    ``shard_run``: write each output shard in a task of its own (batch/shard_merge.py: Ray or local processes).
     """
     started = time.perf_counter()
     adapter_paths = list(adapters)  # local paths once the sources are resolved below
@@ -199,9 +250,15 @@ def merge(
     if len(weights) != len(adapter_paths):
         raise LorafuseError(f"{len(weights)} weights for {len(adapter_paths)} adapters: give one --weight per adapter")
     get_writer(out_format).check_available()  # an unknown format, or one that needs torch where it is missing
+    gguf = out_format == "gguf" or Path(output).suffix == ".gguf"
+    out_format = "gguf" if gguf else out_format
+    if gguf:
+        check_gguf_request(Path(output), outtype)
     weights = strengths(weights, "--weight")
+    part_specs = part_weights_of(part_weights, len(adapter_paths))
+    conv1d = parse_conv1d_modules(conv1d_modules)
     check_device(device)
-    out_dtype = parse_dtype(dtype)
+    out_dtype = parse_merge_dtype(dtype)
     max_shard = parse_size(max_shard_size)
     output_path = Path(output)
     if not dry_run:
@@ -221,68 +278,109 @@ def merge(
     )
     base_path, adapter_paths = sources.base, sources.adapters
     prefill = None
+    prefill_progress = PrefillProgress()
     inputs: list[AdapterInput] = []
     checkpoint = None
     try:
         # Again with the local paths the sources resolved to: what the final rename may replace is recorded here.
         checked = None if dry_run else check_output(output_path, overwrite, [base_path, *adapter_paths])
-        if not dry_run:
-            prefill = start_prefill(base_path, output_path, max_shard, overwrite, adapter_paths, out_dtype, out_format)
-        checkpoint, prefix, _index = open_model(base_path)
+        if not dry_run and shard_run is None:  # the tasks write the shards: nothing to copy ahead on the driver
+            prefill = start_prefill(
+                base_path, output_path, max_shard, overwrite, adapter_paths, out_dtype, out_format, prefill_progress
+            )
+        pipe = open_pipeline(base_path) if is_pipeline(base_path) else None
+        if pipe is not None:
+            check_pipeline_request(output_path, out_format, gguf)
+            checkpoint, prefix, conv1d = pipe.checkpoint, "", pipe.conv1d_modules(conv1d)
+        else:
+            checkpoint, prefix, _index = open_model(base_path)
         base_folder = base_path if base_path.is_dir() else None
-        base_config = read_json(base_folder / "config.json") if base_folder else None
+        # a GGUF base describes itself (io/gguf_checkpoint.py)
+        base_config = read_json(base_folder / "config.json") if base_folder else getattr(checkpoint, "config", None)
+        if gguf:
+            check_gguf_base(base_path, base_config, requant)
+        elif base_path.suffix == ".gguf":
+            raise LorafuseError(f"a GGUF base merges into a GGUF: give -o a path ending in .gguf, not {output_path}")
         base_shapes = {name: info.shape for name, info in checkpoint.infos.items()}
         for path, weight, label in zip(adapter_paths, weights, sources.labels):
             inputs.append(
                 read_adapter(path, label=label, fmt=adapter_format, weight=float(weight), base_shapes=base_shapes)
             )
-        plan = plan_merge(checkpoint, inputs, out_dtype, base_config, allow_unmatched)
-        single_file = base_folder is None and output_path.suffix == ".safetensors"
+        set_part_weights(inputs, part_specs)
+        plan = plan_merge(checkpoint, inputs, out_dtype, base_config, allow_unmatched, conv1d)
+        single_file = (base_folder is None and output_path.suffix == ".safetensors") or gguf
+        check_shard_run(shard_run, out_format, single_file, device, pipe is not None)
         report = MergeReport(
             base=str(base_path),
             adapters=[
                 {"path": str(a), "weight": w, "format": inp.fmt, "files": {f.name: sha256_file(f) for f in inp.files}}
+                | ({"parts": plan.parts[inp.label]} if inp.label in plan.parts else {})
+                | ({"part_weights": recorded_part_weights(inp.part_weights)} if inp.part_weights else {})
                 for a, w, inp in zip(adapter_paths, weights, inputs)
             ],
             output=str(output_path),
             dtype=short_name(out_dtype) if out_dtype is not None else "auto",
             format=out_format,
             tensors_total=len(plan.tensors),
-            tensors_touched=len(plan.touched),
+            tensors_touched=sum(any(p.edit.adapter not in plan.idle for p in t.edits) for t in plan.touched),
             total_bytes=plan.total_bytes,
             files=[output_path.name]
             if single_file
+            else pipe.files(plan, out_format, max_shard)
+            if pipe is not None
             else get_writer(out_format).layout(output_slots(plan), prefix, max_shard).files,
             warnings=list(plan.warnings),
             config_updates=dict(plan.config_updates),
             dry_run=dry_run,
             sources=sources.provenance,
             engine="cuda" if device.startswith("cuda") else "numpy",
+            idle_adapters=list(plan.idle),
+            changes=changes_by_adapter(plan),
+            allow_unmatched=allow_unmatched,
+            conv1d_modules=None if conv1d is None else ",".join(sorted(conv1d)) or "none",
         )
-        tokenizer = _resizing_tokenizer(plan, dict(zip(sources.labels, adapter_paths)), report)
+        tokenizer = None
+        if base_folder is not None and not single_file and pipe is None:
+            tokenizer = _adapter_tokenizer(plan, dict(zip(sources.labels, adapter_paths)), base_folder, report)
         if dry_run:
+            if pipe is not None:
+                report.copied_files = pipe.copied_names()
+            elif base_folder is not None and not single_file:
+                report.copied_files = extra_file_names(
+                    base_folder, checkpoint.files, {*report.files, PROVENANCE_NAME, CARD_NAME}
+                )
             report_nonfinite(kernel.find_nonfinite(plan), report.warnings)
             report.seconds = time.perf_counter() - started
             return report
         assert checked is not None
-        _write(
-            plan,
-            report,
-            base_folder,
-            checkpoint.metadata,
-            checkpoint.files,
-            prefix,
-            output_path,
-            max_shard,
-            out_format,
-            device,
-            out_dtype,
-            single_file,
-            show_progress,
-            prefill,
-            tokenizer,
-            prefill.checked if prefill is not None else checked,
-        )
+        if gguf:
+            with ByteBar(plan.total_bytes, "merging", show_progress) as bar:
+                write_gguf(plan, report, base_folder, output_path, outtype, requant, device, bar.update, checked)
+        elif pipe is not None:
+            _write_pipeline(
+                pipe, plan, report, output_path, max_shard, out_format, device, out_dtype, show_progress, checked
+            )
+        else:
+            _write(
+                plan,
+                report,
+                base_folder,
+                checkpoint.metadata,
+                checkpoint.files,
+                prefix,
+                output_path,
+                max_shard,
+                out_format,
+                device,
+                out_dtype,
+                single_file,
+                show_progress,
+                prefill,
+                tokenizer,
+                prefill.checked if prefill is not None else checked,
+                prefill_progress,
+                shard_run,
+            )
     finally:
         if prefill is not None:
             prefill.discard()  # removes its folder unless the merge turned it into the output
@@ -294,24 +392,64 @@ def merge(
     return report
 
 
-def _resizing_tokenizer(plan: MergePlan, paths: dict[str, Path], report: MergeReport) -> Path | None:
-    """The adapter folder whose tokenizer goes with a resized vocabulary (the last resizing adapter that has one)."""
-    if not plan.resized_by:
+def changes_by_adapter(plan: MergePlan) -> list[dict[str, Any]]:
+    """What each adapter changes: one row per (adapter, edit kind) with the tensors it touches and their bytes."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for tensor in plan.touched:
+        for key in dict.fromkeys((p.edit.adapter, p.edit.describe()["kind"]) for p in tensor.edits):
+            row = rows.setdefault(key, {"adapter": key[0], "kind": key[1], "tensors": 0, "bytes": 0})
+            row["tensors"] += 1
+            row["bytes"] += tensor.nbytes
+    return list(rows.values())
+
+
+def _adapter_tokenizer(
+    plan: MergePlan, paths: dict[str, Path], base_folder: Path, report: MergeReport
+) -> TokenizerFiles | None:
+    """The tokenizer files saved with an adapter that go into the merged model over the base's, with a warning
+    saying so; None when the base's stay.
+
+    A resized vocabulary takes the tokenizer of the last resizing adapter that has one. Otherwise an adapter's
+    tokenizer (trainers save it, chat template included) is used when it differs from the base's; when several
+    adapters hold different ones, which is meant is not known: the base's stay, with a warning. Links out of an
+    adapter folder are refused here, before anything is written (io/extra_files.find_tokenizer).
+    """
+    found = {label: tok for label, path in paths.items() if (tok := find_tokenizer(path)) is not None}
+    if plan.resized_by:
+        for label in reversed(plan.resized_by):
+            if label in found:
+                return _use_tokenizer(found[label], label, "which resized the vocabulary", report)
+        _warn(
+            "the adapters resize the vocabulary but hold no tokenizer files: copy the tokenizer you trained with "
+            "into the merged folder (the base's does not know the added tokens)",
+            report,
+        )
         return None
-    for label in reversed(plan.resized_by):
-        folder = paths.get(label)
-        if folder is not None and folder.is_dir() and any((folder / n).is_file() for n in TOKENIZER_FILES):
-            message = f"the tokenizer files come from {folder}, which resized the vocabulary"
-            log.warning(message)
-            report.warnings.append(message)
-            return folder
-    message = (
-        "the adapters resize the vocabulary but hold no tokenizer files: copy the tokenizer you trained with "
-        "into the merged folder (the base's does not know the added tokens)"
-    )
+    base_tokenizer = find_tokenizer(base_folder) if found else None
+    distinct: list[tuple[str, TokenizerFiles]] = []
+    for label, tok in found.items():
+        if tok.differs_from(base_tokenizer) and not any(tok.same_as(other) for _, other in distinct):
+            distinct.append((label, tok))
+    if len(distinct) > 1:
+        _warn(
+            f"the adapters {' and '.join(label for label, _ in distinct)} hold different tokenizer files, so the "
+            f"merged model keeps the base's: copy the tokenizer you mean into {report.output}",
+            report,
+        )
+        return None
+    return _use_tokenizer(distinct[0][1], distinct[0][0], "saved with it", report) if distinct else None
+
+
+def _use_tokenizer(tokenizer: TokenizerFiles, label: str, why: str, report: MergeReport) -> TokenizerFiles:
+    names = ", ".join(tokenizer.files)
+    _warn(f"the tokenizer files of {label} ({names}), {why}, replace the base's in the merged model", report)
+    report.tokenizer_from = label
+    return tokenizer
+
+
+def _warn(message: str, report: MergeReport) -> None:
     log.warning(message)
     report.warnings.append(message)
-    return None
 
 
 def _write(
@@ -329,18 +467,20 @@ def _write(
     single_file: bool,
     show_progress: bool | None,
     prefill: Prefill | None,
-    tokenizer: Path | None,
+    tokenizer: TokenizerFiles | None,
     checked: OutputState,
+    prefill_progress: PrefillProgress | None = None,
+    shard_run: ShardRun | None = None,
 ) -> None:
     """Write the merged model atomically: weights and index, then (a folder) the base's other files, config
     updates and provenance, or (one safetensors file) the base file's metadata and the provenance key.
 
-    ``tokenizer``: a folder whose tokenizer files replace the base's (the adapter that resized the vocabulary).
-    ``checked``: what :func:`check_output` found at the output (the only thing the final rename may replace).
+    ``tokenizer``: an adapter's tokenizer files, which replace the base's. ``checked``: what :func:`check_output`
+    found at the output (the only thing the final rename may replace). One bar of the output's bytes
+    (progress.py; ``show_progress`` None: on a terminal only), the prefill's copy counted on it. ``shard_run``:
+    the shards written by tasks (batch/shard_merge.py), the rest of the folder here.
     """
-    # None lets tqdm decide (shown on a terminal only).
-    disable = None if show_progress is None else not show_progress
-    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merging", disable=disable, leave=False)
+    bar = ByteBar(plan.total_bytes, "merging", show_progress)
     try:
         if single_file:
             with AtomicOutput(output_path, is_dir=False, checked=checked) as out:
@@ -361,10 +501,49 @@ def _write(
         with AtomicOutput(output_path, adopt=prefill is not None, checked=checked) as out:
             if prefill is not None and prefill.tmp != out.tmp:
                 raise OSError(f"the prefilled folder {prefill.tmp} is not the output's temporary folder {out.tmp}")
-            written = write_model(plan, out.tmp, prefix, max_shard, out_format, device, bar.update, prefill=prefill)
+            if shard_run is not None:
+                sharded = write_sharded(plan, out.tmp, prefix, max_shard, shard_run, bar.update)
+                written = WrittenModel(sharded.files, {}, plan.total_bytes, sharded.nonfinite)
+                report.shard_sha256 = sharded.sha256
+            else:
+                written = write_model(
+                    plan,
+                    out.tmp,
+                    prefix,
+                    max_shard,
+                    out_format,
+                    device,
+                    bar.update,
+                    prefill=prefill,
+                    prefill_progress=prefill_progress,
+                )
             report_nonfinite(written.nonfinite, report.warnings)
             report.files = written.files
             finish_folder(out.tmp, report, base_folder, weight_files, plan.config_updates, out_dtype, tokenizer)
             out.commit()
     finally:
         bar.close()
+
+
+def _write_pipeline(
+    pipe: Pipeline,
+    plan: MergePlan,
+    report: MergeReport,
+    output_path: Path,
+    max_shard: int,
+    out_format: str,
+    device: str,
+    out_dtype: np.dtype | None,
+    show_progress: bool | None,
+    checked: OutputState,
+) -> None:
+    """Write a merged diffusers pipeline folder atomically (pipeline.py lays it out; each component's weights go
+    through :func:`write_model`), on one bar of the output's bytes."""
+    with ByteBar(plan.total_bytes, "merging", show_progress) as bar:
+        with AtomicOutput(output_path, checked=checked) as out:
+
+            def component(part: MergePlan, folder: Path, prefix: str) -> WrittenModel:
+                return write_model(part, folder, prefix, max_shard, out_format, device, bar.update)
+
+            write_pipeline(pipe, plan, report, out.tmp, component, out_dtype)
+            out.commit()

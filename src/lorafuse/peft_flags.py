@@ -21,17 +21,20 @@ from typing import Any
 from .errors import AdapterError, InputError, LorafuseError
 
 CONFIG_NAME = "adapter_config.json"
-UNSUPPORTED_INIT = ("pissa", "olora", "corda", "loftq")
-UNSUPPORTED_FLAGS = (
-    "use_qalora",
-    "use_bdlora",
-    "layer_replication",
-    "target_parameters",
-    "arrow_config",
-    "velora_config",
-    "monteclora_config",
-    "alora_invocation_tokens",
-)
+# Initialisations that change the base weights while training (the saved A and B apply to that changed base):
+# PiSSA, OLoRA, CorDA and LoftQ take principal components out of it, LoRA-GA an offset from its gradients.
+UNSUPPORTED_INIT = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# LoRA options lorafuse refuses, each with why (tuners/lora_variants.py has the variants it merges).
+UNSUPPORTED_FLAGS = {
+    "use_qalora": "QALoRA pools the input in groups before lora_A, which no merged weight computes (PEFT cannot "
+    "merge it either)",
+    "layer_replication": "layer_replication adds layers that share the base's weights, so the merged model is not "
+    "the base's layout; merge it with PEFT's merge_and_unload()",
+    "arrow_config": "Arrow routes each token among LoRA experts, so no single merged weight exists (PEFT cannot "
+    "merge it either)",
+    "alora_invocation_tokens": "aLoRA acts only after its invocation tokens, which no merged weight computes (PEFT "
+    "cannot merge it either)",
+}
 BIAS_VALUES = ("none", "all", "lora_only")  # PEFT's choices for ``bias``
 BOOL_FLAGS = ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "ensure_weight_tying")
 ALPHA_FIX = "set it to the lora_alpha the adapter was trained with"
@@ -253,9 +256,9 @@ def parse_config(data: dict[str, Any], source: str) -> AdapterConfig:
             fan_in_fan_out=_flag(data, "fan_in_fan_out", source),
             raw=data,
         )
-    for flag in UNSUPPORTED_FLAGS:
+    for flag, reason in UNSUPPORTED_FLAGS.items():
         if data.get(flag) not in (None, False, [], {}, 0):
-            raise AdapterError(f"{source}: '{flag}' is not supported by lorafuse; merge this adapter with PEFT")
+            raise AdapterError(f"{source}: '{flag}' cannot be merged: {reason}")
     init = data.get("init_lora_weights", True)
     init = init.lower() if isinstance(init, str) else ""  # true/false/"gaussian"/...: the saved A and B are final
     if any(init.startswith(name) for name in UNSUPPORTED_INIT):

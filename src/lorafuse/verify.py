@@ -8,9 +8,10 @@ within 0.5 ulp. Tensors no adapter touches must be bit-identical to the base (ca
 dtype when the merge changed it).
 
 Output level (verify_outputs.py; needs torch and transformers, and an architecture transformers loads): the merged
-model and the base model with the adapters applied on the fly (:mod:`lorafuse.runtime`) see the same inputs; max
-|logit diff| and top-1 agreement are reported. Where torch or transformers is missing the check is skipped with a
-warning that names the install (the weight-level verdict stands); ``outputs=False`` skips it quietly.
+model and the base model with the adapters applied on the fly (:mod:`lorafuse.runtime`, or PEFT's layers for
+other PEFT tuner types than LoRA) see the same inputs; max |logit diff| and top-1 agreement are reported. Where
+torch or transformers is missing the check is skipped with a warning that names the install (the weight-level
+verdict stands); ``outputs=False`` skips it quietly.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,17 +28,24 @@ from typing import Any
 import numpy as np
 
 from .arrays import BF16, F16, F32, F64, decode_f32, is_float
+from .conv1d import conv1d_modules as parse_conv1d_modules
 from .engine import compute_tensor
 from .errors import LorafuseError
 from .io.checkpoint import Checkpoint, open_model, open_output
 from .io.extra_files import read_json
 from .io.safetensors_file import TensorInfo
-from .plan import AdapterInput, MergePlan, build_plan
+from .part_weights import set_part_weights
+from .part_weights import specs_of as part_weights_of
+from .plan import AdapterInput, MergePlan, OutputTensor, build_plan
+from .progress import ByteBar
+from .quantized import measure_fp8_scales
 from .sources import resolve_merge_inputs
+from .verify_inputs import check_hashes, recorded_merge
 
 log = logging.getLogger("lorafuse")
 
 DEFAULT_MAX_ULP = 1.0
+CORRECTLY_ROUNDED_ULP = 0.5  # what one rounding of the exact value to the merged dtype can be off by
 # fp32 arithmetic noise allowed relative to a tensor's largest value (a merge that sums in another order).
 FP32_NOISE = 2.0**-20
 CHUNK_ELEMENTS = 1 << 20  # 4 MB fp32 chunks: cache-friendly, few parallel regions
@@ -113,6 +121,7 @@ class VerifyReport:
     output: OutputCheck | None = None
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    inputs_from: str = ""  # without --adapter: what the merged folder's lorafuse_merge.json named
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -187,51 +196,57 @@ def _same_file_bytes(a: Checkpoint, a_info: TensorInfo, b: Checkpoint, b_info: T
 
 
 def check_weights(
-    plan: MergePlan, merged: Checkpoint, max_ulp: float = DEFAULT_MAX_ULP, device: str = "cpu"
+    plan: MergePlan,
+    merged: Checkpoint,
+    max_ulp: float = DEFAULT_MAX_ULP,
+    device: str = "cpu",
+    progress: Callable[[int], None] | None = None,
 ) -> list[TensorResult]:
-    """Compare every tensor of ``merged`` with the plan's recomputation; extra and missing tensors fail."""
+    """Compare every tensor of ``merged`` with the plan's recomputation; extra and missing tensors fail.
+
+    ``progress`` is told the bytes of each planned tensor once it is checked.
+    """
+    measure_fp8_scales(plan)  # an fp8 base written back in fp8: the scales the merge recomputed
     results: list[TensorResult] = []
-    planned = {t.name for t in plan.tensors}
     for out in plan.tensors:
-        if out.name not in merged:
-            results.append(TensorResult(out.name, bool(out.edits), False, problem="missing from the merged model"))
-            continue
-        info = merged.infos[out.name]
-        if tuple(info.shape) != tuple(out.shape):
-            problem = f"shape {tuple(info.shape)}, expected {tuple(out.shape)}"
-            results.append(TensorResult(out.name, bool(out.edits), False, problem=problem))
-            continue
-        computed = bool(out.edits) or out.dequant is not None
-        if not is_float(info.dtype) or not (is_float(out.dtype) or computed):
-            # Integer / fp8 tensors are stored as they are: bit-identical or wrong.
-            if info.dtype != out.dtype or not _bit_identical(merged.array(out.name), plan.base.array(out.source)):
-                results.append(TensorResult(out.name, False, False, problem="differs from the base (should be copied)"))
-            else:
-                results.append(TensorResult(out.name, False, True))
-            continue
-        if not computed:
-            # Untouched: the base tensor, cast once to the merged dtype, bit for bit.
-            base_info = plan.base.infos[out.source]
-            if base_info.dtype == info.dtype and base_info.offset >= 0 and info.offset >= 0:
-                same = _same_file_bytes(plan.base, base_info, merged, info)
-            else:
-                same = _bit_identical(merged.array(out.name), compute_tensor(plan, replace(out, dtype=info.dtype)))
-            results.append(
-                TensorResult(
-                    out.name,
-                    False,
-                    same,
-                    problem="" if same else "untouched by the adapters but not bit-identical to the base",
-                )
-            )
-            continue
-        expected = compute_tensor(plan, replace(out, dtype=F32), device)
-        results.append(_compare(out.name, merged.array(out.name), expected, max_ulp, bool(out.edits)))
-        del expected
+        results.append(_check_tensor(plan, merged, out, max_ulp, device))
+        if progress is not None:
+            progress(out.nbytes)
+    planned = {t.name for t in plan.tensors}
     for name in merged.keys():
         if name not in planned:
             results.append(TensorResult(name, False, False, problem="not in base + adapters (unexpected tensor)"))
     return results
+
+
+def _check_tensor(plan: MergePlan, merged: Checkpoint, out: OutputTensor, max_ulp: float, device: str) -> TensorResult:
+    """How the merged tensor of ``out`` compares with the plan's recomputation."""
+    if out.name not in merged:
+        return TensorResult(out.name, bool(out.edits), False, problem="missing from the merged model")
+    info = merged.infos[out.name]
+    if tuple(info.shape) != tuple(out.shape):
+        problem = f"shape {tuple(info.shape)}, expected {tuple(out.shape)}"
+        return TensorResult(out.name, bool(out.edits), False, problem=problem)
+    computed = bool(out.edits) or out.dequant is not None
+    if out.encode is not None:  # re-encoded in fp8 (quantized.py): the same single rounding, bit for bit
+        same = info.dtype == out.dtype and _bit_identical(merged.array(out.name), compute_tensor(plan, out))
+        return TensorResult(out.name, bool(out.edits), same, problem="" if same else "not the fp8 re-encoding")
+    if not is_float(info.dtype) or not (is_float(out.dtype) or computed):
+        # Integer / fp8 tensors are stored as they are: bit-identical or wrong.
+        if info.dtype != out.dtype or not _bit_identical(merged.array(out.name), plan.base.array(out.source)):
+            return TensorResult(out.name, False, False, problem="differs from the base (should be copied)")
+        return TensorResult(out.name, False, True)
+    if not computed:
+        # Untouched: the base tensor, cast once to the merged dtype, bit for bit.
+        base_info = plan.base.infos[out.source]
+        if base_info.dtype == info.dtype and base_info.offset >= 0 and info.offset >= 0:
+            same = _same_file_bytes(plan.base, base_info, merged, info)
+        else:
+            same = _bit_identical(merged.array(out.name), compute_tensor(plan, replace(out, dtype=info.dtype)))
+        problem = "" if same else "untouched by the adapters but not bit-identical to the base"
+        return TensorResult(out.name, False, same, problem=problem)
+    expected = compute_tensor(plan, replace(out, dtype=F32), device)
+    return _compare(out.name, merged.array(out.name), expected, max_ulp, bool(out.edits))
 
 
 def _load_adapters(
@@ -250,8 +265,8 @@ def _load_adapters(
 
 def verify(
     merged: str | Path,
-    base: str | Path | None,
-    adapters: Sequence[str | Path],
+    base: str | Path | None = None,
+    adapters: Sequence[str | Path] | None = None,
     weights: Sequence[float] | None = None,
     adapter_format: str | None = None,
     max_ulp: float = DEFAULT_MAX_ULP,
@@ -262,22 +277,51 @@ def verify(
     device: str = "cpu",
     cache_dir: str | Path | None = None,
     allow_unmatched: bool = False,
+    conv1d_modules: str | Sequence[str] | None = None,
+    show_progress: bool | None = None,
+    part_weights: Sequence[Any] | None = None,
 ) -> VerifyReport:
     """Verify that ``merged`` is ``base`` with ``adapters`` merged in order with ``weights``.
 
+    Without ``adapters`` (and ``base`` and ``weights``), the merge ``merged`` records in its lorafuse_merge.json
+    is checked (verify_inputs.py; ``report.inputs_from`` says so): its base, adapters (their files must still
+    have the recorded sha256), weights, formats and plan options.
+
     ``base`` and ``adapters`` are any sources ``lorafuse.merge`` takes (local paths, Hub or ModelScope ids, git
     URLs; ``cache_dir`` for downloads); ``base=None`` takes the base named in the first adapter's config.
-    ``allow_unmatched`` skips adapter tensors the base has no target for, as ``lorafuse merge --allow-unmatched``.
-    Returns a :class:`VerifyReport` (``passed`` is the verdict); raises :class:`LorafuseError` on unreadable
-    inputs. ``outputs=False`` skips the output-level check.
+    ``allow_unmatched`` skips adapter tensors the base has no target for, as ``lorafuse merge --allow-unmatched``;
+    ``conv1d_modules`` names the base's Conv1D modules, as ``lorafuse merge --conv1d-modules``. Returns a
+    :class:`VerifyReport` (``passed`` is the verdict); raises :class:`LorafuseError` on unreadable inputs.
+    ``outputs=False`` skips the output-level check; ``show_progress``: the weight check's bar (None: on a
+    terminal only). ``part_weights``: the merge's per-part strengths (``lorafuse merge --part-weight``).
     """
     started = time.perf_counter()
-    if not adapters:
-        raise LorafuseError("no adapter given: pass each merged adapter with --adapter, in merge order")
     if not Path(merged).exists():  # before any download
         raise LorafuseError(f"{merged}: no such merged model; pass the folder or file that lorafuse merge wrote")
+    if Path(merged).suffix == ".gguf":  # llama.cpp's format: checked in gguf_verify.py
+        from .gguf_verify import verify_gguf
+
+        args = (merged, base, adapters, weights, adapter_format, cache_dir, allow_unmatched, conv1d_modules)
+        return verify_gguf(*args)
+    recorded = None
+    if not adapters:
+        if base is not None or weights is not None:
+            raise LorafuseError(
+                "--base or --weight without --adapter: pass the merged adapters with --adapter, in merge order, or "
+                "none of these to verify against what the merged folder's lorafuse_merge.json records"
+            )
+        recorded = recorded_merge(Path(merged))
+        log.info("verifying against %s", recorded.describe())
+        base, adapters, weights = recorded.base, recorded.adapters, recorded.weights
+        adapter_format = adapter_format or recorded.adapter_format
+        allow_unmatched = allow_unmatched or recorded.allow_unmatched
+        conv1d_modules = conv1d_modules if conv1d_modules is not None else recorded.conv1d_modules
+        part_weights = part_weights if part_weights is not None else recorded.part_weights
+    conv1d = parse_conv1d_modules(conv1d_modules)
     sources = resolve_merge_inputs(base, adapters, adapter_format=adapter_format, cache_dir=cache_dir)
     try:
+        if recorded is not None:
+            check_hashes(recorded, sources.adapters)
         report = _verify_local(
             Path(merged),
             sources.base,
@@ -291,9 +335,14 @@ def verify(
             min_top1,
             device,
             allow_unmatched=allow_unmatched,
+            conv1d_modules=conv1d,
+            show_progress=show_progress,
+            part_weights=part_weights,
         )
     finally:
         sources.cleanup()
+    if recorded is not None:
+        report.inputs_from = recorded.describe()
     report.seconds = time.perf_counter() - started
     return report
 
@@ -312,6 +361,9 @@ def _verify_local(
     device: str,
     *,
     allow_unmatched: bool = False,
+    conv1d_modules: frozenset[str] | None = None,
+    show_progress: bool | None = None,
+    part_weights: Sequence[Any] | None = None,
 ) -> VerifyReport:
     weight_list = list(weights) if weights is not None else [1.0] * len(adapters)
     base_ckpt, _, _ = open_model(base_path)
@@ -323,9 +375,19 @@ def _verify_local(
         raise
     try:
         inputs = _load_adapters(adapters, weight_list, adapter_format, base_ckpt)
+        set_part_weights(inputs, part_weights_of(part_weights, len(inputs)))  # merge's --part-weight
         base_config = read_json(base_path / "config.json") if base_path.is_dir() else None
-        plan = build_plan(base_ckpt, inputs, None, base_config, check_values=False, allow_unmatched=allow_unmatched)
-        results = check_weights(plan, merged_ckpt, max_ulp, device)
+        plan = build_plan(
+            base_ckpt,
+            inputs,
+            None,
+            base_config,
+            check_values=False,
+            allow_unmatched=allow_unmatched,
+            conv1d_modules=conv1d_modules,
+        )
+        with ByteBar(plan.total_bytes, "verifying", show_progress) as bar:
+            results = check_weights(plan, merged_ckpt, max_ulp, device, bar.update)
         plan_warnings = list(plan.warnings)
     finally:
         base_ckpt.close()
@@ -371,6 +433,7 @@ def render(report: VerifyReport) -> str:
     """A readable summary of a :class:`VerifyReport`."""
     lines = [
         f"merged       {report.merged}",
+        *([f"inputs       {report.inputs_from}"] if report.inputs_from else []),
         f"base         {report.base}",
         "adapters     " + ", ".join(f"{a['path']} (weight {a['weight']:g})" for a in report.adapters),
         f"weights      {report.tensors_checked} tensors checked, {report.tensors_touched} changed by the adapters; "
@@ -387,9 +450,13 @@ def render(report: VerifyReport) -> str:
         else:
             lines.append(f"outputs      skipped: {out.skipped_reason}")
     lines += [f"note: {warning}" for warning in report.warnings]
-    if report.worst:
-        lines.append("worst tensors:")
-        lines += [f"  {r.name}: {r.max_ulp:.3g} ulp, {r.max_abs_err:.3g} abs" for r in report.worst]
+    # A correctly rounded merge is within 0.5 ulp everywhere: only tensors beyond that are worth a look.
+    beyond = [r for r in report.worst if r.max_ulp > CORRECTLY_ROUNDED_ULP]
+    if beyond:
+        lines.append(f"tensors beyond correct rounding ({CORRECTLY_ROUNDED_ULP:g} ulp), worst first:")
+        lines += [f"  {r.name}: {r.max_ulp:.3g} ulp, {r.max_abs_err:.3g} abs" for r in beyond]
+    elif report.tensors_touched and not any(f.touched for f in report.failures):
+        lines.append(f"every changed tensor is correctly rounded (within {CORRECTLY_ROUNDED_ULP:g} ulp)")
     for failure in report.failures[:20]:
         lines.append(f"FAIL {failure.name}: {failure.problem}")
     if len(report.failures) > 20:

@@ -1,7 +1,9 @@
 """``lorafuse verify``'s output level: the merged model and base + adapters on the fly run the same inputs.
 
-Both models load with transformers in fp32; the adapters are applied by :mod:`lorafuse.runtime` (PEFT for PEFT
-adapters it cannot apply). Needs torch and transformers (verify.py skips the check, with a warning, without them).
+Both models load with transformers in fp32. LoRA adapters are applied by :mod:`lorafuse.runtime` (its own forward;
+PEFT for PEFT adapters it cannot apply); an adapter of another PEFT tuner type by PEFT's own layers where peft is
+installed (the runtime would apply it with the merge's own edit math, a check of the wiring only, and the report
+says so). Needs torch and transformers (verify.py skips the check, with a warning, without them).
 """
 
 from __future__ import annotations
@@ -48,10 +50,32 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
+def _peft_types(adapters: list[Path]) -> list[str | None]:
+    """Each adapter's PEFT tuner type (``LORA``, ``IA3`` ...), None for an adapter that is no PEFT folder."""
+    types: list[str | None] = []
+    for path in adapters:
+        config = read_json(path / "adapter_config.json") if path.is_dir() else None
+        types.append(str(config.get("peft_type") or "LORA").upper() if isinstance(config, dict) else None)
+    return types
+
+
 def _apply_adapters(
     load_base: Any, adapters: list[Path], weights: list[float], adapter_format: str | None = None
 ) -> tuple[Any, str]:
-    """The base model with the adapters applied on the fly: lorafuse.runtime, else PEFT for PEFT adapters."""
+    """The base model with the adapters applied on the fly, and how.
+
+    LoRA adapters: lorafuse.runtime (its own forward, not the merge's math), else PEFT. An adapter of another PEFT
+    tuner type: PEFT's own layers where peft is installed, as an independent check (the runtime applies such an
+    update with the merge's own edit math, which checks the wiring, not the math), else the runtime, saying so.
+    """
+    types = _peft_types(adapters)
+    others = sorted({t for t in types if t not in (None, "LORA")})
+    peft_ok = all(t is not None for t in types) and importlib.util.find_spec("peft") is not None
+    if others and peft_ok and all(w == 1.0 for t, w in zip(types, weights) if t != "LORA"):
+        try:
+            return _apply_with_peft(load_base(), adapters, weights, types), "PEFT"
+        except Exception as exc:  # PEFT cannot load it here: the runtime below still checks the wiring
+            log.info("PEFT could not apply the adapters (%s); using the runtime", _first_line(exc))
     model = load_base()
     try:
         from .formats import read_adapter
@@ -65,30 +89,51 @@ def _apply_adapters(
                 apply_adapter(model, adapter, weight=weight)
             finally:
                 _close_adapter(adapter)
+        if others:
+            # PEFT missing, or a --weight PEFT has no meaning for: the output level then checks the wiring only
+            return model, f"runtime ({', '.join(others)} by the merge's own math, not an independent check)"
         return model, "runtime LoRA"
     except (ImportError, LorafuseError) as exc:
-        peft_folders = all((Path(a) / "adapter_config.json").is_file() for a in adapters)
-        if not peft_folders or importlib.util.find_spec("peft") is None:
+        if not peft_ok or others:
             raise LorafuseError(str(exc)) from exc
         log.info("runtime LoRA could not apply the adapters (%s); using PEFT", exc)
-    return _apply_with_peft(load_base(), adapters, weights), "PEFT"
+    return _apply_with_peft(load_base(), adapters, weights, types), "PEFT"
 
 
-def _apply_with_peft(model: Any, adapters: list[Path], weights: list[float]) -> Any:
+def _peft_groups(types: list[str | None]) -> list[list[int]]:
+    """Adapter indices in the groups PEFT holds in one model: a run of LoRA adapters, any other adapter alone."""
+    groups: list[list[int]] = []
+    for i, peft_type in enumerate(types):
+        if groups and peft_type == "LORA" and types[groups[-1][-1]] == "LORA":
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _apply_with_peft(model: Any, adapters: list[Path], weights: list[float], types: list[str | None]) -> Any:
+    """PEFT's model of the adapters: each group (:func:`_peft_groups`) but the last merged with
+    ``merge_and_unload`` before the next is loaded (PEFT holds no two tuner types at once), the last on the fly;
+    a LoRA adapter's weight scales its layers' scaling."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    names = [f"lorafuse_{i}" for i in range(len(adapters))]
-    peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
-    for name, path in zip(names[1:], adapters[1:]):
-        peft_model.load_adapter(path, adapter_name=name)
-    for layer in peft_model.modules():
-        if isinstance(layer, LoraLayer):
-            for name, weight in zip(names, weights):
-                if name in layer.scaling:
-                    layer.scaling[name] *= weight
-    peft_model.base_model.set_adapter(names)
-    return peft_model
+    groups = _peft_groups(types)
+    for number, group in enumerate(groups):
+        names = [f"lorafuse_{i}" for i in group]
+        peft_model = PeftModel.from_pretrained(model, adapters[group[0]], adapter_name=names[0])
+        for name, i in zip(names[1:], group[1:]):
+            peft_model.load_adapter(adapters[i], adapter_name=name)
+        for layer in peft_model.modules():
+            if isinstance(layer, LoraLayer):
+                for name, i in zip(names, group):
+                    if name in layer.scaling:
+                        layer.scaling[name] *= weights[i]
+        peft_model.base_model.set_adapter(names)
+        if number == len(groups) - 1:
+            return peft_model
+        model = peft_model.merge_and_unload(adapter_names=names)
+    raise AssertionError("no adapters")
 
 
 def _dequantized_model(model_cls: Any, merged_path: Path, base_path: Path, base_config: Any) -> Any:

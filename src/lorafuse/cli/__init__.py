@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..cpus import calm_thread_pools
+from ..report import format_bytes as human_bytes
 from .exits import run_guarded
 from .weight_flag import weights_apart
 
@@ -28,16 +29,9 @@ COMMANDS = {
     "inspect": "inspect",
     "verify": "verify",
     "combine": "combine",
+    "convert": "convert",
+    "batch": "batch",
 }
-
-
-def human_bytes(n: float) -> str:
-    """``n`` bytes in decimal units (``1.2 GB``)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def adapter_formats() -> tuple[str, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import add_adapter_format
+from . import add_adapter_format, progress
 from .weight_flag import add_weight_flag, given_weights
 
 WRITES = ("peft",)  # the adapter format combine writes (combine.combine writes PEFT only)
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         adapter_format=args.adapter_format,
         base=args.base,
+        show_progress=progress(args),
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

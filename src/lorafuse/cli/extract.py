@@ -7,10 +7,14 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from ..errors import LorafuseError
+from ..serving import VLLM_DEFAULT_MAX_LORA_RANK, VLLM_MAX_LORA_RANKS
 from . import human_bytes, progress
 
 if TYPE_CHECKING:
     from ..extract import ExtractReport
+
+LEFT_OUT_LISTED = 10  # left-out tensors named in the text report (at least; --show-tensors raises it)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -34,8 +38,40 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="randomized SVD power iterations: N, or auto (default): per tensor, as few as keep the predicted error "
         "within ~1.0025x of the optimal rank-R error, at most 2",
     )
-    p.add_argument("--min-params", type=int, default=1_000_000, help="smaller tensors are stored as full differences")
+    p.add_argument(
+        "--min-params",
+        type=int,
+        default=None,
+        help="--format diffusion/kohya: smaller tensors are stored as full differences (default 1000000); a PEFT "
+        "adapter factorises every changed 2-D weight",
+    )
     p.add_argument("--diff-only", action="store_true", help="store every changed tensor as a full difference (exact)")
+    p.add_argument(
+        "--keep-full",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME",
+        help="tensors or modules (names or fnmatch patterns, e.g. '*norm*') whose changes are stored whole: in PEFT "
+        "format their modules become modules_to_save (without it, changes a LoRA cannot hold are left out and "
+        "reported with their share of the change)",
+    )
+    p.add_argument(
+        "--serving",
+        choices=["vllm"],
+        default=None,
+        help="write only what this engine serves (vLLM: no modules_to_save or lora_bias, its LoRA modules for the "
+        "base's architecture), report what was left out and its error, and check the adapter against its rules",
+    )
+    p.add_argument(
+        "--max-lora-rank",
+        "--max-rank",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"with --serving vllm: the server's --max-lora-rank (one of {', '.join(map(str, VLLM_MAX_LORA_RANKS))}; "
+        f"default {VLLM_DEFAULT_MAX_LORA_RANK}); --rank must not exceed it",
+    )
     p.add_argument("--dtype", default="auto", help="auto (factors in the model's dtype, diffs fp32), bf16, fp16, fp32")
     p.add_argument("--device", default="cpu", help="cpu or cuda for the SVDs")
     p.add_argument("--base-name", default=None, help="base_model_name_or_path for adapter_config.json")
@@ -66,7 +102,9 @@ def print_statistics(report: ExtractReport, show_tensors: int = 5, file=None) ->
     print(f"  Failed weights: {report.failed}", file=file)
     if report.tied:
         print(f"  Tied weights (stored once): {report.tied}", file=file)
-    print(f"  Tensors written: {report.tensors_written} ({human_bytes(report.adapter_bytes)})", file=file)
+    print(
+        f"  Tensors written: {report.tensors_written} ({human_bytes(report.adapter_bytes)} of tensor bytes)", file=file
+    )
     print(f"  Relative Frobenius error (overall): {report.rel_error:.3e}", file=file)
     lossy = sorted((t for t in report.tensors if t.kind == "lora"), key=lambda t: -t.rel_error)[:show_tensors]
     for t in lossy:
@@ -74,12 +112,43 @@ def print_statistics(report: ExtractReport, show_tensors: int = 5, file=None) ->
     for t in report.tensors:
         if t.kind in ("failed", "skipped"):
             print(f"  {t.kind}: {t.name} ({t.note})", file=file)
+    print_left_out(report, max(show_tensors, LEFT_OUT_LISTED), file)
+    if report.serving is not None:
+        from ..serving import render_verdict
+
+        for line in render_verdict(report.serving):
+            print(f"  {line}", file=file)
+
+
+def print_left_out(report: ExtractReport, limit: int, file) -> None:
+    """The changed tensors not in the adapter, largest share of the change first, and the error they cost."""
+    left = sorted((t for t in report.tensors if t.kind == "left_out"), key=lambda t: -t.share)
+    if not left:
+        return
+    total = sum(t.share for t in left)
+    print(
+        f"  Left out (changed, not in the adapter): {len(left)} tensors, {100 * total:.3g}% of ||delta||^2; "
+        f"relative error they cost: {report.left_out_error:.3e}",
+        file=file,
+    )
+    for t in left[:limit]:
+        print(f"    {t.name}: {100 * t.share:.3g}% ({t.note})", file=file)
+    if len(left) > limit:
+        print(f"    ... and {len(left) - limit} more (--json lists every tensor)", file=file)
+
+
+def serving_rank(args: argparse.Namespace) -> int:
+    """``--max-lora-rank``, which means something only with ``--serving`` (default: vLLM's own default)."""
+    if args.max_lora_rank is not None and args.serving is None:
+        raise LorafuseError("--max-lora-rank applies with --serving vllm only: add --serving vllm or drop it")
+    return VLLM_DEFAULT_MAX_LORA_RANK if args.max_lora_rank is None else args.max_lora_rank
 
 
 def run(args: argparse.Namespace) -> int:
     """Extract the difference between a tuned model and its base as a LoRA adapter."""
     from ..extract import extract
 
+    max_lora_rank = serving_rank(args)
     report = extract(
         args.base,
         args.tuned,
@@ -98,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         base_name=args.base_name,
         show_progress=progress(args),
+        keep_full=args.keep_full,
+        serving=args.serving,
+        max_lora_rank=max_lora_rank,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

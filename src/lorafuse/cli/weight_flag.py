@@ -86,3 +86,16 @@ def given_weights(args: argparse.Namespace) -> list[float] | None:
     if args.weight is None:
         return None
     return strengths(args.weight, getattr(args, "weight_flag", "--weight"))
+
+
+def add_part_weight_flag(parser: argparse.ArgumentParser) -> None:
+    """Add ``--part-weight [N:]PART=W`` (repeatable; part_weights.py); the values land in ``args.part_weight``."""
+    parser.add_argument(
+        "--part-weight",
+        dest="part_weight",
+        action="append",
+        metavar="[N:]PART=W",
+        help="strength of one part of a diffusion LoRA, times its --weight: PART unet (= transformer), te (every text "
+        "encoder), te1, te2, te3; N (from 1) names one adapter, else every adapter (ComfyUI's strength_model / "
+        "strength_clip: --part-weight te=0.5); repeatable",
+    )

@@ -45,6 +45,9 @@ class TorchOps(BlockOps):
     def contiguous(self, values: Any) -> Any:
         return values.contiguous()
 
+    def svd(self, values: Any) -> tuple[Any, Any, Any]:
+        return self.torch.linalg.svd(values, full_matrices=False)
+
 
 class CudaMerger:
     """Merges whole tensors on ``device`` (one per thread; two threads: one reads while the other computes)."""

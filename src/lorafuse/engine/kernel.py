@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..arrays import F32, check_values, decode_f32, round_to
-from ..edits import Array, BlockOps
+from ..edits import Array, BiasDelta, BlockOps, Edit, FullDiff, LoraDelta
 from ..errors import LorafuseError
 from ..io.layout import Slot
 from ..io.writer import array_bytes
@@ -85,21 +85,41 @@ def reads_base(out: OutputTensor) -> bool:
     return not (out.edits and out.edits[0].rows is None and out.edits[0].edit.overwrites)
 
 
+def joins_lora_group(edit: Edit) -> bool:
+    """True for the edits of a LoRA adapter (LoRA, DoRA, its bias) and full differences (kohya ``.diff``, a
+    full-rank LoRA): PEFT holds several LoRA adapters in one model, where DoRA's norm is taken from the weight
+    without the others' updates (lorafuse's meaning of a run of them). Any other edit (another PEFT tuner type, a
+    replacement, trained token rows) can only be merged by PEFT before the next adapter is loaded, so the DoRA
+    after it sees the weight that edit left."""
+    return isinstance(edit, (LoraDelta, BiasDelta, FullDiff))
+
+
+def unedited_points(edits: Sequence[Edit], first: int = 0) -> dict[int, bool]:
+    """Where each run of ``edits`` starts (index -> whether to copy the tensor there): at ``first`` and after each
+    edit outside a LoRA group (:func:`joins_lora_group`). The tensor before a run is what the run's needs-base
+    edits (DoRA) read as unedited; a copy is needed where one follows the run's first edit. Shared by the kernels
+    and the runtime, so that they agree."""
+    starts = [first] + [i for i in range(first + 1, len(edits)) if not joins_lora_group(edits[i - 1])]
+    ends = [*starts[1:], len(edits)]
+    return {start: any(e.needs_base for e in edits[start + 1 : end]) for start, end in zip(starts, ends)}
+
+
 def apply_edits(out: OutputTensor, block: Array, start: int, ops: BlockOps, snapshot: Callable[[Array], Array]) -> None:
     """Apply ``out``'s edits, in order, to ``block``: its fp32 rows ``start:start+len(block)``, viewed as 2-D.
 
     An edit on a range of rows gets the part of the block inside its range, in its own row numbering. An edit that
-    reads the unedited rows (DoRA) gets them as they were before the tensor's edits; after a replacement saved
-    whole, the replacement is what the other edits apply on. ``snapshot(block)`` copies the block for that.
+    reads the unedited rows (DoRA) gets them as they were before its run of LoRA adapters' edits: before the
+    tensor's edits, or as the last edit of another kind (IA3, OFT, a replacement saved whole...) left them
+    (:func:`unedited_points`). ``snapshot(block)`` copies the block for that.
     """
     stop = start + block.shape[0]
     edits = out.edits
-    first = 0 if reads_base(out) else 1
+    runs = unedited_points([p.edit for p in edits], 0 if reads_base(out) else 1)
     base = None
     total = matrix_shape(out.shape)[0]
     for i, placed in enumerate(edits):
-        if i == first and any(p.edit.needs_base for p in edits[first + 1 :]):
-            base = snapshot(block)  # a later edit changes these rows before the one that needs them unedited
+        if i in runs:  # a later edit of this run changes these rows before one that needs them unedited
+            base = snapshot(block) if runs[i] else None
         low, high = placed.rows or (0, total)
         lo, hi = max(start, low), min(stop, high)
         if lo >= hi:
@@ -168,6 +188,8 @@ class RowMerger:
                 if out.dequant is not None:  # quantized base: stored values -> fp32 (quantized.py)
                     out.dequant.apply(base, block, start, stop, tuple(info.shape))
             apply_edits(out, block, start, self.ops, self._snapshot)
+            if out.encode is not None:  # an fp8 base written in fp8: divided by the new scale (quantized.py)
+                out.encode.apply(block)
             check_values(out.name, block, out.dtype, nonfinite_ok=not out.edits)
             if out.dtype == F32:
                 data = block
@@ -313,7 +335,7 @@ def run(
                 progress(nbytes)
 
     def merger(out: OutputTensor) -> Any:
-        kind = "gpu" if gpu and out.edits else "cpu"
+        kind = "gpu" if gpu and out.edits and out.encode is None else "cpu"  # fp8 re-encoding: numpy only
         if not hasattr(local, kind):
             if kind == "gpu":
                 from .cuda import CudaMerger
@@ -361,8 +383,7 @@ def run(
                 slot, info = slots[out.name], base.infos[out.source]
                 if copied(out, plan):
                     if writer.holds(slot, info.path, info.offset):
-                        done(slot.nbytes)  # already in place
-                        continue
+                        continue  # already in place: the prefill counts its copy on the bar (merger.py)
                     jobs.append(pool.submit(copy_job, out, slot))
                 else:
                     jobs.append(pool.submit(merge_job, out, slot))

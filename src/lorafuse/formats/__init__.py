@@ -12,7 +12,7 @@ from ..plan import AdapterInput
 
 # The built-in formats register themselves on import; their priorities give the detection order: PEFT (a folder
 # with its config), then single files from the most specific key names to the most general (kohya, diffusion, plain).
-from . import diffusion, kohya, peft, plain  # noqa: F401
+from . import diffusion, flux_lora, kohya, peft, plain  # noqa: F401
 from .registry import ReadContext, formats, get_format, registered_formats
 
 __all__ = ["detect_format", "read_adapter", "registered_formats"]

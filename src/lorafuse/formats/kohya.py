@@ -1,5 +1,6 @@
 """kohya / sd-scripts LoRA files: ``<name>.lora_up.weight``, ``<name>.lora_down.weight``, optional ``<name>.alpha``
-(and LyCORIS-style full differences ``<name>.diff``/``.diff_b``/``.diff_m``), with kohya's flattened module names
+(and LyCORIS-style full differences ``<name>.diff``/``.diff_b``/``.diff_m``, and the LyCORIS algorithms of
+:mod:`.lycoris`: LoCon's ``lora_mid``, LoHa, LoKr, ``dora_scale``, ``w_norm``), with kohya's flattened module names
 (``lora_unet_down_blocks_0_..._to_q``) mapped onto the base by the base layout's kohya name map
 (:mod:`lorafuse.names.kohya`). ``lorafuse extract --format kohya`` writes it.
 """
@@ -14,15 +15,20 @@ from ..io.checkpoint import Checkpoint
 from ..names import Layout
 from ..names.kohya import flatten
 from ..plan import AdapterInput
+from . import lycoris
 from .lowrank import UP_DOWN_DIFF_SUFFIXES, LowRankAdapter, ShapeOf, read_lowrank
 from .registry import AdapterFormat, ReadContext, StoredNames, register_format
 from .single import diff_slot, keys_sniffer, read_single, write_single_file
 
 # kohya files use the same up/down/alpha names, plus LyCORIS-style full differences (what
-# `lorafuse extract --format kohya` writes for small tensors), as the diffusion layout.
-SUFFIXES = UP_DOWN_DIFF_SUFFIXES
-# kohya / sd-scripts module names: "lora_unet_down_blocks_0_..._to_q", one flat name without dots.
-KEY_RE = re.compile(r"^lora_[A-Za-z0-9]+_[^.]+\.(lora_up\.weight|lora_down\.weight|alpha|dora_scale|diff(_b|_m)?)$")
+# `lorafuse extract --format kohya` writes for small tensors), as the diffusion layout, and LyCORIS' algorithms.
+SUFFIXES = UP_DOWN_DIFF_SUFFIXES | lycoris.SUFFIXES
+# kohya / sd-scripts / LyCORIS module names: "lora_unet_down_blocks_0_..._to_q", "lycoris_...": one flat name.
+KEY_RE = re.compile(
+    r"^(lora_[A-Za-z0-9]+_|lycoris_)[^.]+("
+    + "|".join(re.escape(suffix) for suffix in sorted(SUFFIXES | lycoris.UNSUPPORTED, key=len, reverse=True))
+    + ")$"
+)
 
 
 def read_kohya(

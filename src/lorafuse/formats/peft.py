@@ -8,6 +8,7 @@ Reproduces the semantics of PEFT's ``merge_and_unload()`` for LoRA: scaling alph
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .peft_writer import write_peft_adapter
 from .registry import AdapterFormat, ReadContext, StoredNames, register_format
 from .single import PEFT_PREFIX, adapter_keys
 
+ShapeOf = Callable[[str], "tuple[int, ...] | None"]
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "pytorch_model.bin")
 
 # Parameter-name stems of PEFT tuners: a tensor holding one that its tuner did not claim is refused, not taken for
@@ -63,20 +65,27 @@ def strip_peft_prefix(key: str) -> str:
 
 
 def read_peft_adapter(
-    folder: Path, label: str | None = None, config: AdapterConfig | None = None, weights: Path | None = None
+    folder: Path,
+    label: str | None = None,
+    config: AdapterConfig | None = None,
+    weights: Path | None = None,
+    shape_of: ShapeOf | None = None,
 ) -> PeftAdapter:
-    """Read a PEFT adapter folder into targeted edits (targets named as in the trained model's state dict)."""
+    """Read a PEFT adapter folder into targeted edits (targets named as in the trained model's state dict).
+
+    ``shape_of`` gives base tensor shapes by name, where the base is known (see :class:`TunerInput`)."""
     folder = Path(folder)
     if config is None:
         config = load_config(folder / CONFIG_NAME)
     weights = weights or find_adapter_weights(folder)
     checkpoint = Checkpoint([weights])
     label = label or str(folder)
-    return PeftAdapter(folder, config, checkpoint, *edits_from_state(checkpoint, config, label, str(weights)))
+    edits = edits_from_state(checkpoint, config, label, str(weights), shape_of)
+    return PeftAdapter(folder, config, checkpoint, *edits)
 
 
 def edits_from_state(
-    checkpoint: Checkpoint, config: AdapterConfig, label: str, source: str
+    checkpoint: Checkpoint, config: AdapterConfig, label: str, source: str, shape_of: ShapeOf | None = None
 ) -> tuple[list[TargetedEdit], dict[str, int]]:
     """Group a PEFT state dict by module with the config's tuner type (tuners/) and turn it into edits.
 
@@ -109,7 +118,7 @@ def edits_from_state(
         target = name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
         saved = Replace(TensorRef(checkpoint, key), base_copy=".base_layer." in name, adapter=label, source_key=key)
         edits.append(TargetedEdit(target, saved))
-    tuner_edits, sizes = tuner.read(TunerInput(checkpoint, config, modules, label, source, shared))
+    tuner_edits, sizes = tuner.read(TunerInput(checkpoint, config, modules, label, source, shared, shape_of))
     edits.extend(tuner_edits)
     return edits, sizes
 
@@ -141,7 +150,8 @@ def read(path: Path, context: ReadContext) -> AdapterInput:
     """Read a PEFT adapter folder, or one of its weight files (its adapter_config.json sits beside it)."""
     path = Path(path)
     folder, weights = (path.parent, path) if path.is_file() else (path, None)
-    adapter = read_peft_adapter(folder, context.label, weights=weights)
+    shape_of = context.shape_of if context.base_shapes is not None else None
+    adapter = read_peft_adapter(folder, context.label, weights=weights, shape_of=shape_of)
     return AdapterInput(
         label=context.label,
         edits=adapter.edits,

@@ -229,9 +229,12 @@ def open_output(path: Path) -> Checkpoint:
 def open_model(path: Path) -> tuple[Checkpoint, str, Path | None]:
     """Open a model folder or a single weight file: (checkpoint, weight-file prefix, index file or None)."""
     path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":  # llama.cpp's format: tensors under transformers names
+        from .gguf_checkpoint import GGUFCheckpoint
+
+        return GGUFCheckpoint(path), "model", None
     if path.is_file():
         stem = path.name.rsplit(".", 1)[0]
         return Checkpoint([path]), stem, None
     files, prefix, index = find_model_weights(path)
     return Checkpoint(files), prefix, index
-

@@ -9,6 +9,7 @@ naming them: they hold the unmerged model under names loaders pick up.
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import os
@@ -70,6 +71,20 @@ def _collect(
             _collect(entry, name, base, roots, above | {real}, carry, skip)
 
 
+def _carry(base_folder: Path, weight_files: list[Path], skip_names: set[str]) -> _Carry:
+    skip = {*skip_names, *(os.path.realpath(p) for p in weight_files)}
+    carry, above = _Carry(), {Path(os.path.realpath(base_folder))}
+    _collect(base_folder, Path(), base_folder, link_roots(base_folder), above, carry, skip)
+    return carry
+
+
+def extra_file_names(base_folder: Path, weight_files: list[Path], skip_names: set[str]) -> list[str]:
+    """The top-level names :func:`copy_extra_files` would copy from ``base_folder`` (links checked the same way),
+    for a dry run; ``skip_names``: what the output itself holds."""
+    carry = _carry(Path(base_folder), weight_files, skip_names)
+    return list(dict.fromkeys(rel.parts[0] for _, rel in carry.files))
+
+
 def copy_extra_files(
     base_folder: Path,
     dest: Path,
@@ -87,9 +102,7 @@ def copy_extra_files(
     """
     base_folder, dest = Path(base_folder), Path(dest)
     # The output's own weights and index are never replaced by the base's files of the same names.
-    skip = {*skip_names, *(p.name for p in dest.iterdir()), *(os.path.realpath(p) for p in weight_files)}
-    carry, above = _Carry(), {Path(os.path.realpath(base_folder))}
-    _collect(base_folder, Path(), base_folder, link_roots(base_folder), above, carry, skip)
+    carry = _carry(base_folder, weight_files, {*skip_names, *(p.name for p in dest.iterdir())})
     for real, rel in carry.files:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)  # only folders that get a file
         shutil.copy2(real, dest / rel)  # a real path: copies the content, never a link
@@ -121,19 +134,76 @@ TOKENIZER_FILES = (
 )
 
 
-def copy_tokenizer(source: Path, dest: Path) -> list[str]:
-    """Copy the tokenizer files of folder ``source`` into ``dest``, replacing those there; returns their names.
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
-    A tokenizer file that is a broken link, a symlink loop or a link out of ``source`` is an InputError (a model
-    without its tokenizer is broken, so it is never dropped silently); all are checked before one is copied.
+
+@dataclass
+class TokenizerFiles:
+    """The tokenizer files of one folder, each checked to be a regular file inside it (``files``: name -> the
+    real file to read)."""
+
+    folder: Path
+    files: dict[str, Path]
+
+    def replaces(self) -> tuple[str, ...]:
+        """The output's tokenizer files these replace: a whole tokenizer (its config and vocabulary) replaces every
+        one (a stale base file such as tokenizer.model would otherwise be read by some loaders), a chat template
+        the base's chat templates; each file replaces its namesake in any case."""
+        if "tokenizer_config.json" in self.files and any(name in self.files for name in VOCABULARY_FILES):
+            return TOKENIZER_FILES
+        if any(name in self.files for name in CHAT_TEMPLATE_FILES):
+            return tuple(dict.fromkeys([*CHAT_TEMPLATE_FILES, *self.files]))
+        return tuple(self.files)
+
+    def differs_from(self, other: TokenizerFiles | None) -> bool:
+        """True when one of these files is not in ``other`` with the same bytes (installing them changes it)."""
+        if other is None:
+            return True
+        return any(
+            name not in other.files or not filecmp.cmp(path, other.files[name], shallow=False)
+            for name, path in self.files.items()
+        )
+
+    def same_as(self, other: TokenizerFiles) -> bool:
+        """True when both hold the same files with the same bytes."""
+        return set(self.files) == set(other.files) and not self.differs_from(other)
+
+
+def find_tokenizer(folder: Path) -> TokenizerFiles | None:
+    """The tokenizer files in ``folder`` (None when it holds none).
+
+    A tokenizer file that is a broken link, a symlink loop or a link out of ``folder`` is an InputError (a model
+    must not get a tokenizer from elsewhere, nor lose one silently); all are checked here, before any copy.
     """
-    source = Path(source)
-    roots = link_roots(source)
-    names = [name for name in TOKENIZER_FILES if os.path.lexists(source / name)]
-    found = [(name, _regular(real_path(source / name, source, roots), source / name)) for name in names]
-    for name, real in found:
-        shutil.copy2(real, dest / name)
-    return [name for name, _ in found]
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    roots = link_roots(folder)
+    names = [name for name in TOKENIZER_FILES if os.path.lexists(folder / name)]
+    if not names:
+        return None
+    return TokenizerFiles(
+        folder, {name: _regular(real_path(folder / name, folder, roots), folder / name) for name in names}
+    )
+
+
+def install_tokenizer(tokenizer: TokenizerFiles, dest: Path) -> list[str]:
+    """Put ``tokenizer`` into the model folder ``dest`` in place of the tokenizer files it replaces; returns the
+    names written."""
+    for name in tokenizer.replaces():
+        if name not in tokenizer.files:
+            (Path(dest) / name).unlink(missing_ok=True)
+    for name, real in tokenizer.files.items():
+        shutil.copy2(real, Path(dest) / name)  # the real file: content, never a link
+    return list(tokenizer.files)
+
+
+def copy_tokenizer(source: Path, dest: Path) -> list[str]:
+    """Copy the tokenizer files of folder ``source`` into ``dest`` (:func:`find_tokenizer`, then
+    :func:`install_tokenizer`); returns their names."""
+    tokenizer = find_tokenizer(source)
+    return install_tokenizer(tokenizer, dest) if tokenizer is not None else []
 
 
 def update_config(config_path: Path, updates: dict[str, Any]) -> None:

@@ -52,8 +52,10 @@ WRITE_ONLY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 def _is_output_path(name: Path, output: Path) -> bool:
     """``name`` is the output, one of its parents, or inside the output or its temporaries."""
     hidden = f".{output.name}.lorafuse-"
-    return name == output or name in output.parents or any(
-        p == output or p.name.startswith(hidden) for p in (name, *name.parents)
+    return (
+        name == output
+        or name in output.parents
+        or any(p == output or p.name.startswith(hidden) for p in (name, *name.parents))
     )
 
 
@@ -221,13 +223,19 @@ def check_output(output: str | Path, overwrite: bool, inputs: list[Path]) -> Out
 # --- temporaries left by dead processes ---------------------------------------------------------------------
 
 
-def _start_time(pid: int) -> str | None:
-    """The start time of process ``pid`` (Linux /proc), to tell a reused PID from the process that wrote."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (field 3, the state, first), or None."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[-1].split()[19]  # field 22 (starttime), counted after the command name
+    return stat.rsplit(")", 1)[-1].split()
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` (Linux /proc), to tell a reused PID from the process that wrote."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields else None  # field 22 (starttime)
 
 
 def _marker_text() -> str:
@@ -250,6 +258,9 @@ def _owner_is_dead(folder: Path) -> bool:
         return True
     except PermissionError:
         return False  # alive, another user's
+    fields = _stat_fields(pid)
+    if fields and fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent (a pool's or Ray's worker)
+        return True
     return start is not None and _start_time(pid) not in (None, start)  # the PID now names another process
 
 

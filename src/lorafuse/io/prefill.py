@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import LorafuseError, OutputError
@@ -38,7 +39,8 @@ class Prefill:
     ``names[i]`` is the file name of shard ``i`` and ``headers[i]`` its exact header bytes; ``slots`` lists every
     tensor in output order with its shard and absolute offset; ``sources`` maps a tensor name to the (file id,
     offset) of the base bytes copied into its slot. ``output`` is the merge's :class:`AtomicOutput` whose
-    temporary folder ``tmp`` is (the merge adopts it); :meth:`discard` removes it.
+    temporary folder ``tmp`` is (the merge adopts it); :meth:`discard` removes it. ``on_copy(name, nbytes)`` is
+    told of every chunk copied (the merge's progress bar).
     """
 
     def __init__(
@@ -51,8 +53,10 @@ class Prefill:
         base_files: list[Path] | None = None,
         prefix: str = "model",
         output: AtomicOutput | None = None,
+        on_copy: Callable[[str, int], None] | None = None,
     ):
         self.tmp = tmp
+        self.on_copy = on_copy  # (tensor name, bytes) after each chunk copied, from the copy thread: progress
         self.output = output
         self.base_files = list(base_files or [])  # the base's weight files (not copied as extra files)
         self.prefix = prefix  # shard name prefix ("model", "diffusion_pytorch_model")
@@ -103,7 +107,9 @@ class Prefill:
                     src_path, src_offset = self._sources[slot.name]
                     if src_path not in sources:
                         sources[src_path] = os.open(src_path, os.O_RDONLY)
-                    if not self._copy(sources[src_path], src_offset, fds[slot.shard], slot.offset, slot.nbytes):
+                    if not self._copy(
+                        slot.name, sources[src_path], src_offset, fds[slot.shard], slot.offset, slot.nbytes
+                    ):
                         return  # cancelled
                 with self._cond:
                     self._done = i + 1
@@ -122,7 +128,7 @@ class Prefill:
             shards[slot.shard].append(slot)
         return shards
 
-    def _copy(self, src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int) -> bool:
+    def _copy(self, name: str, src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int) -> bool:
         done = 0
         while done < nbytes:
             if self._cancelled:
@@ -138,6 +144,8 @@ class Prefill:
                     raise LorafuseError("a base weight file ended early while it was being copied")
                 n = os.pwrite(dst, chunk, dst_offset + done)
             done += n
+            if self.on_copy is not None:
+                self.on_copy(name, n)
         return True
 
     def matches(self, names: list[str], headers: list[bytes]) -> bool:
@@ -221,10 +229,12 @@ def speculate(
     max_shard_size: str | int,
     overwrite: bool,
     inputs: list[str | Path] | tuple[str | Path, ...] = (),
+    on_copy: Callable[[str, int], None] | None = None,
 ) -> Prefill | None:
     """Start a prefill for merging into ``output`` from the base model folder ``base``; None when it cannot apply.
 
     ``inputs``: the other inputs (adapters); those that are local paths are checked against ``output`` too.
+    ``on_copy``: see :class:`Prefill`.
     Never raises for bad input: the merge itself reports it. Applies to local folders of safetensors shards only,
     and to outputs whose parent folder exists (missing parents are created only once the inputs are validated).
     """
@@ -252,7 +262,7 @@ def speculate(
         headers = [safetensors_header(shard) for shard in shards]
         folder = AtomicOutput(output, checked=checked)  # the merge writes into (adopts) its temporary folder
         try:
-            return Prefill(folder.tmp, names, headers, slots, sources, files, prefix, folder).start()
+            return Prefill(folder.tmp, names, headers, slots, sources, files, prefix, folder, on_copy).start()
         except BaseException:
             folder.abort()
             raise

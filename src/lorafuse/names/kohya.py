@@ -4,7 +4,8 @@ Names such as ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_
 underscores, which cannot be undone from the name alone (``down_blocks`` holds an underscore too). They are
 mapped onto the base model by flattening the base's own module names the same way: a name matches a base module
 whose flattened path equals it, or ends with it at a component boundary (the base may carry a head prefix such
-as ``unet.`` or ``model.diffusion_model.``). No match, or several, is an error naming the key.
+as ``unet.`` or ``model.diffusion_model.``), and only onto a module of the part its prefix names (``lora_te2_``: text
+encoder 2, see :mod:`.parts`). No match, or several, is an error naming the key.
 """
 
 from __future__ import annotations
@@ -14,19 +15,14 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from ..errors import AdapterError
+from .parts import TEXT_ENCODERS, adapter_part, base_part, may_land
 
-PREFIX_RE = re.compile(r"^lora_(?P<part>[A-Za-z]+\d*)_(?P<rest>.+)$")
+PREFIX_RE = re.compile(r"^(?:lora_(?P<part>[A-Za-z]+\d*)|lycoris)_(?P<rest>.+)$")
 # What lorafuse writes: kohya's UNet prefix before the flattened module path.
 WRITE_PREFIX = "lora_unet_"
-# Which base component a kohya prefix points at, to tell apart e.g. the two text encoders of SDXL.
-PART_HINTS = {
-    "unet": ("unet", "diffusion_model"),
-    "te": ("text_encoder", "cond_stage_model"),
-    "te1": ("text_encoder",),
-    "te2": ("text_encoder_2",),
-    "te3": ("text_encoder_3",),
-    "transformer": ("transformer",),
-}
+# sd-scripts names CLIP text-encoder modules through transformers 4's CLIPTextModel.text_model; transformers 5
+# saves the same modules without that component.
+CLIP_WRAPPER = "text_model_"
 
 
 class KohyaNames:
@@ -46,14 +42,22 @@ class KohyaNames:
         """The dotted base module for kohya module ``name`` (``key`` names the tensor in errors); ``name`` itself
         when no base module matches."""
         match = PREFIX_RE.match(name)
-        part, rest = (match["part"], match["rest"]) if match else ("", name)
-        candidates = self._index.get(rest) or self._index.get(name) or []
+        rest = match["rest"] if match else name
+        # Only another part's modules would match a name of the wrong part (lora_te2_* on text encoder 1's).
+        part = adapter_part(name)
+
+        def landing(flat: str) -> list[tuple[str, tuple[str, ...]]]:
+            return [c for c in self._index.get(flat, []) if may_land(part, base_part(c[0]))]
+
+        candidates = landing(rest) or landing(name)
+        # checked after the part filter: another text encoder may keep the wrapper this one's file drops
+        if not candidates and part in TEXT_ENCODERS and rest.startswith(CLIP_WRAPPER):
+            candidates = landing(rest[len(CLIP_WRAPPER) :])
         modules = sorted({m for m, _lead in candidates})
         if len(modules) > 1:
             exact = sorted({m for m, lead in candidates if not lead})
-            hints = PART_HINTS.get(part, ())
-            hinted = sorted({m for m, lead in candidates if any(h in lead for h in hints)})
-            modules = exact if len(exact) == 1 else hinted if len(hinted) == 1 else modules
+            same_part = sorted({m for m, _lead in candidates if part is not None and base_part(m) == part})
+            modules = same_part if len(same_part) == 1 else exact if len(exact) == 1 else modules
         if len(modules) == 1:
             return modules[0]
         if not modules:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..edits import BiasDelta, DoraDelta, Edit, LoraDelta
 from ..engine.cuda import TorchOps
-from ..engine.kernel import matrix_shape
+from ..engine.kernel import matrix_shape, unedited_points
 from ..errors import AdapterError, ShapeMismatchError
 from ..names import layout_of
 from ..plan import AdapterInput
@@ -50,12 +50,18 @@ class _MemRef:
         return self.tensor.reshape(-1)[start:stop].to(dtype=torch.float32)
 
 
-def _apply(edits: list[Edit], weight: torch.Tensor, base: torch.Tensor) -> None:
-    """Apply ``edits`` in order to the fp32 ``weight`` in place (``base``: the unedited weight), as the merge does."""
+def _apply(edits: list[Edit], weight: torch.Tensor) -> None:
+    """Apply ``edits`` in order to the fp32 ``weight`` in place, as the merge does: a DoRA edit's norm reads the
+    weight as it was before its run of LoRA adapters' edits (engine/kernel.unedited_points)."""
     rows, cols = matrix_shape(tuple(weight.shape))
     ops = TorchOps(weight.device)
-    for edit in edits:
-        edit.apply(weight.view(rows, cols), slice(0, rows), ops, base.reshape(rows, cols))
+    block = weight.view(rows, cols)
+    runs = unedited_points(edits)
+    base = None
+    for i, edit in enumerate(edits):
+        if i in runs:
+            base = block.clone() if runs[i] else None
+        edit.apply(block, slice(0, rows), ops, base)
 
 
 def _loaded(ref: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -81,10 +87,9 @@ class _SwapSlot:
         if not self.entries:
             self._set(self.original)
             return
-        base = self.original.detach().float()
-        weight = base.clone()
-        for _name, edits in self.entries:
-            _apply(edits, weight, base)
+        weight = self.original.detach().float().clone()
+        edits = [edit for _name, edits in self.entries for edit in edits]
+        _apply(sorted(edits, key=lambda edit: not edit.goes_first), weight)  # a saved base copy first, as plan.py
         value = weight.to(self.original.dtype)
         self._set(nn.Parameter(value, requires_grad=False) if isinstance(self.original, nn.Parameter) else value)
 
@@ -253,6 +258,8 @@ def apply_adapter(
     try:
         for targeted in inp.edits:
             key = matcher.resolve(targeted.target)
+            if key is None and targeted.optional and not matcher.ambiguous(targeted.target):
+                continue  # a target the model may lack (IA3 on a layer without a bias)
             if key is None:
                 candidates = matcher.ambiguous(targeted.target)
                 where = f"matches several ({', '.join(candidates[:3])})" if candidates else "is not in the model"
@@ -293,19 +300,58 @@ def apply_adapter(
         if owned:
             _close(inp)
     # Everything is read and checked: now change the model.
+    folding = {id(m): m for m, _attr, edits in frozen.values() if not all(e.goes_first for e in edits)}
+    for module in folding.values():  # a saved base copy is the base: swapping it in needs no folding
+        _fold_patches(model, state, module, inp.keep_tied)
     for layer, patch in patches:
         wrap_layer(model, layer).lora[name] = patch
-    for slot_key, (module, attr, edits) in frozen.items():
-        slot = state.slots.get(slot_key)
-        if slot is None:
-            original = getattr(module, attr)
-            tied = _sharers(model, module, attr, original) if inp.keep_tied else []
-            slot = state.slots[slot_key] = _SwapSlot(module, attr, original, tied=tied)
+    for module, attr, edits in frozen.values():
+        slot = _slot(model, state, module, attr, inp.keep_tied)
         slot.entries.append((name, edits))
         slot.rebuild()
     state.adapters[name] = {"label": inp.label, "weight": strength, "layers": len(patches), "swapped": len(frozen)}
     state.counter += 1
     return name
+
+
+def _slot(model: nn.Module, state: RuntimeState, module: nn.Module, attr: str, keep_tied: bool) -> _SwapSlot:
+    """The swap slot of ``module.attr``, created (keeping the original) when there is none yet."""
+    slot = state.slots.get((id(module), attr))
+    if slot is None:
+        original = getattr(module, attr)
+        tied = _sharers(model, module, attr, original) if keep_tied else []
+        slot = state.slots[(id(module), attr)] = _SwapSlot(module, attr, original, tied=tied)
+    return slot
+
+
+def _wrapper_of(model: nn.Module, module: nn.Module) -> LoraModule | None:
+    return next((m for m in model.modules() if isinstance(m, LoraModule) and m.base_layer is module), None)
+
+
+def _fold_patches(model: nn.Module, state: RuntimeState, module: nn.Module, keep_tied: bool) -> None:
+    """Move the earlier adapters' LoRA patches of ``module`` into its swapped parameters, in adapter order.
+
+    A swapped copy is what a wrapped layer computes with before its patches add their outputs, so an edit that is
+    swapped in (IA3, OFT ...) after an adapter whose LoRA is a patch would apply before that LoRA: the merge applies
+    it after (it scales the LoRA-merged weight). Folded, the LoRA joins the copy in its place in the order.
+    """
+    wrapper = _wrapper_of(model, module)
+    if wrapper is None or not len(wrapper.lora):
+        return
+    order = list(state.adapters)
+    for attr in ("weight", "bias"):
+        folded = []
+        for adapter, patch in wrapper.lora.items():
+            if attr == "weight":
+                folded.append((adapter, [patch_edit(patch)]))
+            elif patch.lora_bias is not None:
+                folded.append((adapter, [BiasDelta(_MemRef(patch.lora_bias.detach()), patch.scale)]))
+        if folded:
+            slot = _slot(model, state, module, attr, keep_tied)
+            slot.entries = sorted(slot.entries + folded, key=lambda entry: order.index(entry[0]))
+            slot.rebuild()
+    wrapper.lora.clear()
+    unwrap_layer(model, wrapper)
 
 
 def _sharers(model: nn.Module, module: nn.Module, attr: str, value: torch.Tensor) -> list[tuple[nn.Module, str]]:
@@ -400,10 +446,9 @@ def merge_into(model: nn.Module) -> nn.Module:
     for module_name, wrapper in lora_modules(model):
         base = wrapper.base_layer
         if len(wrapper.lora):
-            original = base.weight.detach().float()
-            weight = original.clone()
+            weight = base.weight.detach().float().clone()
+            _apply([patch_edit(patch) for patch in wrapper.lora.values()], weight)  # one run of LoRA edits
             for patch in wrapper.lora.values():
-                _apply([patch_edit(patch)], weight, original)
                 if patch.lora_bias is not None:
                     if getattr(base, "bias", None) is None:
                         log.warning("%s has no bias: its adapter's lora_B bias cannot be merged (dropped)", module_name)

@@ -109,7 +109,9 @@ def resolve_merge_inputs(
                 peft=adapter_format in (None, "peft"),
             )
             adapter_paths.append(resolved.path)
-            if resolved.source.kind == "local" and not resolved.source.revision:
+            if "training_output" in resolved.info:
+                labels.append(str(resolved.path))  # the checkpoint chosen in a training output folder
+            elif resolved.source.kind == "local" and not resolved.source.revision:
                 labels.append(str(Path(text) / sub) if sub else str(Path(text)))
             else:
                 labels.append(resolved.source.describe() + (f" ({sub})" if sub else ""))

@@ -16,6 +16,7 @@ from .git import check_ref, clone, pull_lfs
 from .hub import hf_snapshot
 from .modelscope import ms_snapshot
 from .spec import Source, parse_source
+from .training import training_choice
 
 log = logging.getLogger("lorafuse")
 
@@ -137,12 +138,21 @@ def fetch_adapter(
 ) -> Resolved:
     """:func:`fetch` for an adapter, plus an adapter_config.json from ``config`` or the environment when missing.
 
+    A local trainer's output folder (``checkpoint-<step>/`` sub-folders) stands for its latest checkpoint, or for
+    its top-level adapter when it has one (sources/training.py); ``info["training_output"]`` says which.
+
     ``peft=False`` (another adapter format was asked for) leaves the folder as it is.
     """
     src = parse_source(text, default_hub, ref)
     resolved = fetch(
         src, role="adapter", subfolder=subfolder, cache_dir=cache_dir, work_dir=work_dir, clone_name=f"{name}_repo"
     )
+    if peft and src.kind == "local":
+        choice = training_choice(resolved.path)  # a trainer's output folder: its latest checkpoint
+        if choice is not None:
+            log.info(choice.note)
+            resolved.path = choice.path
+            resolved.info["training_output"] = {"checkpoint": choice.checkpoint, "note": choice.note}
     folder = resolved.path
     if not peft or not folder.is_dir() or (folder / ac.CONFIG_NAME).is_file():
         return resolved

@@ -25,7 +25,9 @@ class TunerInput:
     ``modules``: module name (as in the trained model, PEFT's prefix removed) -> slot -> adapter tensor key; a
     slot is the tuner parameter's name, with ``.bias`` appended for a bias (``lora_B.bias``). ``shared``: tensors
     saved outside any module (VeRA's ``base_model.vera_A``), key -> key. ``config`` is the checked config, its
-    ``raw`` the JSON object for the tuner's own keys.
+    ``raw`` the JSON object for the tuner's own keys. ``shape_of``: a base tensor's shape by its name in the
+    trained model (None: unknown, or no base given), for tuners whose saved names do not say which tensor they
+    change (LoRA's ``target_parameters``).
     """
 
     checkpoint: Checkpoint
@@ -34,6 +36,7 @@ class TunerInput:
     label: str
     source: str
     shared: dict[str, str] = field(default_factory=dict)
+    shape_of: Callable[[str], tuple[int, ...] | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,8 @@ class Tuner:
     layers save per module (``hada_w1_a``, ``ia3_l``, ...); ``shared``: names of tensors saved once for the
     whole model. ``read`` turns the grouped tensors into targeted edits and returns them with module -> rank
     (or another size for reports; 0 where a tuner has none). ``how``: "native" (numpy, exactly PEFT's math) or
-    "peft" (PEFT's own layer merge, module by module; needs the ``peft`` extra).
+    "peft" (PEFT's own layer merge, module by module; needs the ``peft`` extra; tuners/peft_layer.py), or
+    "refused" (registered to refuse it with the reason: tuners/refused.py).
     """
 
     peft_type: str
@@ -109,6 +113,8 @@ def group_tensors(
             rest.append(key)
             continue
         slot = match["param"] + (".bias" if match["kind"] == "bias" else "")
+        if tuner.how == "peft":  # PEFT's own loader takes the tensors: each keeps its saved name (adamss_A.0)
+            slot = name[len(match["module"]) + 1 :]
         group = modules.setdefault(match["module"], {})
         if slot in group:
             raise AdapterError(

@@ -36,7 +36,9 @@ def get_writer(name: str) -> ModelWriter:
 
 # The built-in formats; neither module imports torch (the .bin writer imports it only when it saves).
 from .bin import BinWriter  # noqa: E402
+from .gguf import GGUFModelWriter  # noqa: E402  (imports gguf only when used)
 from .safetensors import SafetensorsWriter  # noqa: E402
 
 register_writer(SafetensorsWriter)
 register_writer(BinWriter)
+register_writer(GGUFModelWriter)

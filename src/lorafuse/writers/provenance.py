@@ -22,6 +22,10 @@ def provenance_metadata(base_metadata: dict[str, str], report: MergeReport) -> d
     merged = {
         "lorafuse_version": report.lorafuse_version,
         "dtype": report.dtype,
-        "adapters": [{"weight": a["weight"], "format": a["format"], "files": a["files"]} for a in report.adapters],
+        "adapters": [
+            {"weight": a["weight"], "format": a["format"], "files": a["files"]}
+            | ({"part_weights": a["part_weights"]} if "part_weights" in a else {})
+            for a in report.adapters
+        ],
     }
     return {**base_metadata, METADATA_KEY: json.dumps(merged, separators=(",", ":"), sort_keys=True)}

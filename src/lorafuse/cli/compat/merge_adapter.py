@@ -56,15 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="merge-adapter",
         description="Merge a LoRA adapter (git/Hub/ModelScope/local) into a base model (ModelScope/Hub/local). "
-        "Each flag defaults to the environment variable in brackets. Also read: ADAPTER_CONFIG_JSON, "
-        "ADAPTER_CONFIG_PATH (adapter_config.json for adapters without one).",
+        "Here a bare ORG/NAME is a ModelScope id (in `lorafuse merge` a bare ORG/NAME is a Hugging Face Hub id; "
+        "write hf://ORG/NAME for the Hub here), and --base_model defaults to Qwen/Qwen3-4B (from ModelScope, "
+        "revision master), as in the original script. Each flag defaults to the environment variable in brackets. "
+        "Also read: ADAPTER_CONFIG_JSON, ADAPTER_CONFIG_PATH (adapter_config.json for adapters without one).",
     )
 
     def flag(name: str, help_text: str) -> None:
         var, default = DEFAULTS[name]
         p.add_argument(f"--{name}", default=env.get(var, default), help=f"{help_text} [{var}, default {default!r}]")
 
-    flag("base_model", "base model: ModelScope id, hf://ORG/NAME, git URL or local folder")
+    flag(
+        "base_model",
+        "base model: a bare ORG/NAME is a ModelScope id here (not a Hub id as in `lorafuse merge`), hf://ORG/NAME "
+        "a Hub id; or a git URL or local folder",
+    )
     flag("base_revision", "base model revision (ModelScope/Hub branch, tag or commit; ignored for local folders)")
     flag("cache_dir", "download cache for the base model")
     flag("adapter_repo_url", "adapter git URL (or local folder, hf://, ms://)")

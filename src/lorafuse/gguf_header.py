@@ -1,0 +1,440 @@
+"""Everything in a GGUF file before its tensor data: the model's hyperparameters, the ``general.*`` metadata, the
+tokenizer and the tensor table, recorded as llama.cpp's ``convert_hf_to_gguf.py`` records them for the same model
+folder (key for key, through the ``gguf`` package's own writer, so the bytes are encoded as llama.cpp's are).
+
+The output types (``--outtype``): the float types and every type the ``gguf`` package quantizes; the K-quants are
+made from an f16 GGUF by llama.cpp's ``llama-quantize``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import LorafuseError
+from .names.gguf import (
+    F16_WITH_TERNARY,
+    F32_TENSORS,
+    GGUFArch,
+    block_of,
+    gguf_tensor_name,
+    is_tensor,
+    norm_shift,
+    qk_heads,
+    require_gguf,
+)
+
+log = logging.getLogger("lorafuse")
+
+# --outtype -> (the file type llama.cpp records, the tensor type of the model's matrices)
+OUTTYPES: dict[str, tuple[str, str]] = {
+    "f32": ("ALL_F32", "F32"),
+    "f16": ("MOSTLY_F16", "F16"),
+    "bf16": ("MOSTLY_BF16", "BF16"),
+    "q8_0": ("MOSTLY_Q8_0", "Q8_0"),
+    "q4_0": ("MOSTLY_Q4_0", "Q4_0"),
+    "q4_1": ("MOSTLY_Q4_1", "Q4_1"),
+    "q5_0": ("MOSTLY_Q5_0", "Q5_0"),
+    "q5_1": ("MOSTLY_Q5_1", "Q5_1"),
+    "tq1_0": ("MOSTLY_TQ1_0", "TQ1_0"),
+    "tq2_0": ("MOSTLY_TQ2_0", "TQ2_0"),
+}
+OUTTYPE_CHOICES = ("auto", *OUTTYPES)
+
+# The hyperparameters every text model records: (GGUFWriter method, config keys tried in order), as the converter.
+TEXT_PARAMS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("add_context_length", ("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
+                            "model_max_length")),
+    ("add_embedding_length", ("hidden_size", "n_embd", "dim")),
+    ("add_feed_forward_length", ("prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size",
+                                 "n_inner", "hidden_dim")),
+    ("add_head_count", ("num_attention_heads", "n_head", "n_heads")),
+    ("add_head_count_kv", ("num_key_value_heads", "n_kv_heads")),
+)  # fmt: skip
+NORM_PARAMS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("add_layer_norm_rms_eps", ("rms_norm_eps", "norm_eps")),
+    ("add_layer_norm_eps", ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")),
+    ("add_expert_count", ("num_local_experts", "num_experts", "n_routed_experts")),
+    ("add_expert_used_count", ("num_experts_per_tok", "num_experts_per_token", "top_k_experts")),
+)
+ROPE_THETA = ("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta", "rotary_emb_base")
+LOCAL_ROPE_THETA = (
+    "local_rope_theta",
+    "rope_local_theta",
+    "rope_theta_local",
+    "swa_rope_theta",
+    "rope_local_base_freq",
+)
+PARTIAL_ROTARY = ("partial_rotary_factor", "rope_pct", "rope_percent")
+BLOCK_COUNT = ("n_layers", "num_hidden_layers", "n_layer", "num_layers")
+YARN_PARAMS = (
+    ("add_rope_scaling_yarn_ext_factor", ("extrapolation_factor",)),
+    ("add_rope_scaling_yarn_attn_factor", ("attention_factor", "attn_factor")),
+    ("add_rope_scaling_yarn_beta_fast", ("beta_fast",)),
+    ("add_rope_scaling_yarn_beta_slow", ("beta_slow",)),
+)
+
+
+def find(params: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    """The value of the first of ``keys`` present in ``params`` (None when none is)."""
+    key = next((k for k in keys if k in params), None)
+    return params[key] if key is not None else None
+
+
+def load_hparams(folder: Path) -> dict[str, Any]:
+    """The model's configuration as the converter reads it: transformers' full config (defaults included), the
+    text part of a multimodal one lifted to the top; the raw ``config.json`` where transformers cannot read it."""
+    try:
+        from transformers import AutoConfig
+
+        params = AutoConfig.from_pretrained(folder, trust_remote_code=False).to_dict()
+    except Exception as exc:  # noqa: BLE001 -- any failure falls back to the file, as the converter does
+        log.debug("transformers cannot read %s (%s): using config.json", folder, exc)
+        with open(folder / "config.json", encoding="utf-8") as handle:
+            params = json.load(handle)
+    for wrapper in ("llm_config", "lm_config", "language_config", "lfm"):
+        if wrapper in params:
+            params["text_config"] = params[wrapper]
+    if "text_config" in params:
+        params = {**params, **params["text_config"]}
+    return params
+
+
+def rope_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """The rope settings with the top-level theta, type and factors mirrored in (the converter's view)."""
+    rope = copy.deepcopy(params.get("rope_parameters", params.get("rope_scaling")) or {})
+    if "full_attention" in rope or "sliding_attention" in rope:
+        return rope
+    if (local := find(params, LOCAL_ROPE_THETA)) is not None:
+        rope["sliding_attention"] = {"rope_theta": local}
+    mirrored = {
+        "rope_theta": find(params, ROPE_THETA),
+        "rope_type": rope.get("type"),
+        "partial_rotary_factor": find(params, PARTIAL_ROTARY),
+        "original_max_position_embeddings": params.get("original_max_position_embeddings"),
+    }
+    for key, value in mirrored.items():
+        if key not in rope and value is not None:
+            rope[key] = value
+    return rope
+
+
+def _add_rope(writer: Any, gguf: Any, rope: dict[str, Any]) -> None:
+    params = rope.get("full_attention", rope)
+    kind, factor = params.get("rope_type"), params.get("factor")
+    if kind == "linear" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+    elif kind == "yarn" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(factor)
+        writer.add_rope_scaling_orig_ctx_len(params["original_max_position_embeddings"])
+        for method, keys in YARN_PARAMS:
+            if (value := find(params, keys)) is not None:
+                getattr(writer, method)(value)
+    elif kind in ("su", "longrope"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+    if "mrope_section" in rope:
+        writer.add_rope_dimension_sections((list(rope["mrope_section"]) + [0, 0, 0, 0])[:4])
+    if (theta := params.get("rope_theta")) is not None:
+        writer.add_rope_freq_base(theta)
+    if (local := rope.get("sliding_attention", {}).get("rope_theta")) is not None:
+        writer.add_rope_freq_base_swa(local)
+
+
+def _add_pooling(writer: Any, gguf: Any, folder: Path) -> None:
+    """A sentence-transformers folder's pooling type (modules.json), as the converter records it for qwen2/3."""
+    modules = folder / "modules.json"
+    if modules.is_file():
+        entries = json.loads(modules.read_text(encoding="utf-8"))
+        path = next((m["path"] for m in entries if m["type"].endswith("Pooling")), None)
+        if path is not None:
+            pooling = json.loads((folder / path / "config.json").read_text(encoding="utf-8"))
+            modes = {"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS, "lasttoken": gguf.PoolingType.LAST}
+            flags = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+            flags["pooling_mode_lasttoken"] = "lasttoken"
+            mode = next((m for flag, m in flags.items() if pooling.get(flag)), pooling.get("pooling_mode"))
+            if mode not in modes:
+                raise LorafuseError(f"{folder / path}: pooling {mode!r} is not one llama.cpp has (mean, cls, last)")
+            writer.add_pooling_type(modes[mode])
+
+
+def required(params: dict[str, Any], key: str, where: Path) -> Any:
+    if key not in params:
+        raise LorafuseError(f"{where / 'config.json'} has no {key}, which the GGUF of this architecture records")
+    return params[key]
+
+
+def _add_gemma2(writer: Any, params: dict[str, Any], folder: Path, blocks: int, file_type: Any) -> None:
+    """Gemma2's own set (the converter writes no rope keys for it)."""
+    for method, key in (("add_context_length", "max_position_embeddings"), ("add_embedding_length", "hidden_size")):
+        getattr(writer, method)(required(params, key, folder))
+    writer.add_block_count(blocks)
+    writer.add_feed_forward_length(required(params, "intermediate_size", folder))
+    writer.add_head_count(required(params, "num_attention_heads", folder))
+    writer.add_head_count_kv(params.get("num_key_value_heads", params["num_attention_heads"]))
+    writer.add_layer_norm_rms_eps(required(params, "rms_norm_eps", folder))
+    writer.add_key_length(required(params, "head_dim", folder))
+    writer.add_value_length(params["head_dim"])
+    writer.add_file_type(file_type)
+    writer.add_attn_logit_softcapping(required(params, "attn_logit_softcapping", folder))
+    writer.add_final_logit_softcapping(required(params, "final_logit_softcapping", folder))
+    writer.add_sliding_window(required(params, "sliding_window", folder))
+
+
+def _add_gemma3(writer: Any, params: dict[str, Any], folder: Path) -> None:
+    """Gemma3's corrections to the text model's set, with the defaults the converter assumes."""
+    if params.get("attn_logit_softcapping") is not None:
+        raise LorafuseError(f"{folder / 'config.json'}: Gemma3 with attn_logit_softcapping is not one llama.cpp has")
+    writer.add_context_length(params.get("max_position_embeddings", 131072))
+    writer.add_head_count(params.get("num_attention_heads", 8))
+    writer.add_layer_norm_rms_eps(params.get("rms_norm_eps", 1e-6))
+    writer.add_key_length(params.get("head_dim", 256))
+    writer.add_value_length(params.get("head_dim", 256))
+    rope = rope_parameters(params)
+    writer.add_rope_freq_base(rope.get("full_attention", rope).get("rope_theta", 1_000_000.0))
+    if softcap := params.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(softcap)
+    if params.get("sliding_window_pattern") != 1:
+        writer.add_sliding_window(required(params, "sliding_window", folder))
+    writer.add_head_count_kv(params.get("num_key_value_heads", 4))
+
+
+def add_hparams(writer: Any, spec: GGUFArch, params: dict[str, Any], folder: Path, file_type: Any) -> None:
+    """The ``<arch>.*`` hyperparameters and ``general.file_type`` (a key written twice keeps its first place and
+    its last value, as in the converter)."""
+    gguf = require_gguf()
+    if spec.params == "gemma2":
+        _add_gemma2(writer, params, folder, find(params, BLOCK_COUNT), file_type)
+        return
+    writer.add_block_count(find(params, BLOCK_COUNT))
+    for method, keys in TEXT_PARAMS:
+        if (value := find(params, keys)) is not None:
+            getattr(writer, method)(value)
+    if params.get("is_causal") is False:
+        writer.add_causal_attention(False)
+    _add_rope(writer, gguf, rope_parameters(params))
+    for method, keys in NORM_PARAMS:
+        if (value := find(params, keys)) is not None:
+            getattr(writer, method)(value)
+    if params.get("n_group") is not None or params.get("topk_group") is not None:
+        raise LorafuseError("expert groups (n_group/topk_group) are not implemented for GGUF output")
+    if (head_dim := params.get("head_dim")) is not None:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_file_type(file_type)
+    if spec.llama_params:
+        writer.add_vocab_size(params["vocab_size"])
+        writer.add_rope_dimension_count(
+            params.get("head_dim") or params["hidden_size"] // params["num_attention_heads"]
+        )
+    if spec.pooling:
+        _add_pooling(writer, gguf, folder)
+    if spec.params == "gemma3":
+        _add_gemma3(writer, params, folder)
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor of the GGUF file: the checkpoint tensor it comes from, its GGUF name and type, its place in the
+    file, for q/k of rope models the head count whose rows are reordered, and where its bytes are when a GGUF
+    base's are copied as they are."""
+
+    source: str
+    name: str
+    qtype: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    nbytes: int
+    heads: int | None
+    shift: float = 0.0  # added before conversion (Gemma's norms)
+    raw: tuple[int, int] | None = None  # a GGUF base's untouched tensor: (offset, nbytes) of its bytes, copied as are
+    offset: int = 0  # absolute, set once the header is written
+
+
+def tensor_type(spec: GGUFArch, name: str, shape: tuple[int, ...], outtype: str) -> Any:
+    """The converter's choice of type for tensor ``name`` (a weight, or a LoRA's ``.lora_a``/``.lora_b``): float32
+    for 1-D tensors, norms, biases and a few others; F16 for embeddings and output with a ternary type; else the
+    outtype's, falling back to F16 (with a warning) where the row length is not a multiple of its block."""
+    gguf = require_gguf()
+    qt = gguf.GGMLQuantizationType
+    block = block_of(name)
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith((".weight", ".lora_a", ".lora_b")):
+        return qt.F32
+    if any(is_tensor(spec, name, key, block) for key in F32_TENSORS):
+        return qt.F32
+    kind = getattr(qt, OUTTYPES[outtype][1])
+    if outtype in ("tq1_0", "tq2_0") and any(is_tensor(spec, name, key, block) for key in F16_WITH_TERNARY):
+        return qt.F16
+    block_size = gguf.GGML_QUANT_SIZES[kind][0]
+    if shape[-1] % block_size:
+        log.warning("%s: a row of %d values is not a multiple of %s's %d: written as F16", name, shape[-1],
+                    kind.name, block_size)  # fmt: skip
+        return qt.F16
+    return kind
+
+
+def tensor_nbytes(shape: tuple[int, ...], qtype: Any) -> int:
+    gguf = require_gguf()
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape, dtype=np.int64)) // block_size * type_size
+
+
+def plan_tensors(
+    spec: GGUFArch,
+    params: dict[str, Any],
+    sources: list[tuple[str, tuple[int, ...]]],
+    outtype: str,
+    folder: Path | None = None,
+) -> list[GGUFTensor]:
+    """The GGUF tensors of checkpoint tensors ``sources`` (name, shape), in their order (dropped ones left out);
+    ``folder``: the model's, for an architecture whose embedding keeps only its tokenizer's rows."""
+    from .gguf_vocab import real_vocab_size
+
+    blocks = find(params, BLOCK_COUNT)
+    tensors = []
+    for source, shape in sources:
+        name = gguf_tensor_name(spec, blocks, source)
+        if name is None:
+            continue
+        if spec.real_vocab and name == "token_embd.weight" and folder is not None:
+            shape = (min(shape[0], real_vocab_size(folder, params)), *shape[1:])  # rows past it are not written
+        qtype = tensor_type(spec, name, shape, outtype)
+        heads = qk_heads(spec, source, params)
+        shift = norm_shift(spec, source)
+        tensors.append(GGUFTensor(source, name, qtype, shape, tensor_nbytes(shape, qtype), heads, shift))
+    return tensors
+
+
+def auto_outtype(dtypes: list[tuple[tuple[int, ...], np.dtype]]) -> str:
+    """``--outtype auto``: bf16 or f16 after the first matrix's dtype, else f16 (the converter's choice)."""
+    for shape, dtype in dtypes:
+        if len(shape) >= 2:
+            name = np.dtype(dtype).name
+            return "bf16" if name == "bfloat16" else "f16"
+    return "f16"
+
+
+def file_type_of(outtype: str) -> Any:
+    return getattr(require_gguf().LlamaFileType, OUTTYPES[outtype][0])
+
+
+def build_header(
+    spec: GGUFArch,
+    params: dict[str, Any],
+    folder: Path,
+    tensors: list[GGUFTensor],
+    outtype: str,
+    extra: dict[str, str] | None = None,
+) -> Any:
+    """A ``gguf.GGUFWriter`` holding the whole header: tensor table, ``general.*`` metadata (from the model folder's
+    card and config, as the converter derives it), hyperparameters, quantization version, tokenizer and ``extra``
+    string keys (lorafuse's provenance)."""
+    gguf = require_gguf()
+    from .gguf_vocab import add_vocab
+
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, spec.arch)])
+    for t in tensors:
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    total, shared, expert, experts = writer.get_total_parameter_count()
+    metadata = gguf.Metadata.load(None, folder, None, total)
+    if metadata.name is None:
+        metadata.name = folder.name
+    if metadata.size_label is None and total > 0:
+        metadata.size_label = gguf.size_label(total, shared, expert, experts)
+    writer.add_type(gguf.GGUFType.MODEL)
+    metadata.set_gguf_meta_model(writer)
+    add_hparams(writer, spec, params, folder, file_type_of(outtype))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_vocab(writer, folder, spec, params)
+    for key, value in (extra or {}).items():
+        writer.add_string(key, value)
+    return writer
+
+
+def write_header(writer: Any, path: Path, tensors: list[GGUFTensor]) -> int:
+    """Write ``writer``'s header and tensor table to ``path``; sets each tensor's absolute offset and returns the
+    file's full size (tensor data padded to the alignment, as llama.cpp's writer pads it)."""
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    align = writer.data_alignment
+    at = -(-path.stat().st_size // align) * align
+    for t in tensors:
+        t.offset = at
+        at += -(-t.nbytes // align) * align
+    return at
+
+
+def field_value(field: Any) -> tuple[Any, Any, Any]:
+    """A GGUF key's (value, type, array item type) as gguf-py's writer takes them; strings as their raw bytes (a
+    token need not be valid UTF-8)."""
+    gguf = require_gguf()
+    kinds = gguf.GGUFValueType
+    kind = field.types[0]
+    if kind == kinds.ARRAY:
+        item = field.types[1] if len(field.types) > 1 else kinds.INT32
+        if item == kinds.ARRAY:
+            raise LorafuseError(f"GGUF key {field.name} holds nested arrays, which lorafuse does not copy")
+        if item == kinds.STRING:
+            return [bytes(field.parts[i]) for i in field.data], kind, item
+        return field.contents(), kind, item
+    if kind == kinds.STRING:
+        return bytes(field.parts[field.data[0]]), kind, None
+    return field.contents(), kind, None
+
+
+def can_quantize(qtype: Any) -> bool:
+    """Whether gguf-py writes ``qtype`` (it reads every type, but quantizes only some: no K-quants, no IQ)."""
+    gguf = require_gguf()
+    block_size = gguf.GGML_QUANT_SIZES[qtype][0]
+    try:
+        gguf.quants.quantize(np.zeros((1, block_size), dtype=np.float32), qtype)
+    except (NotImplementedError, gguf.quants.QuantError):
+        return False
+    return True
+
+
+def base_header(
+    base: Any, touched: set[str], requant: str, extra: dict[str, str], warnings: list[str]
+) -> tuple[Any, list[GGUFTensor]]:
+    """The header of a merge into GGUF base ``base`` (io/gguf_checkpoint.py): its keys as they are, plus ``extra``;
+    its tensors in their order and types, except ``touched`` ones of a type gguf-py cannot write, which become
+    ``requant`` (said in ``warnings``). Untouched tensors keep their bytes (``GGUFTensor.raw``)."""
+    gguf = require_gguf()
+    writer = gguf.GGUFWriter(path=None, arch=str(base.value("general.architecture")))
+    writer.data_alignment = base.alignment
+    for name, field in base.fields.items():
+        if name != "general.architecture":  # the writer put it first, as the file has it
+            value, kind, item = field_value(field)
+            writer.add_key_value(name, value, kind, sub_type=item)
+    for key, value in extra.items():
+        writer.add_string(key, value)
+    fallback = getattr(gguf.GGMLQuantizationType, OUTTYPES[requant][1])
+    requantized = []
+    tensors = []
+    for source, raw in base.raws.items():
+        qtype, keep = raw.qtype, source not in touched
+        if not keep and not can_quantize(qtype):
+            qtype = fallback
+            requantized.append(f"{raw.name} ({raw.qtype.name})")
+        nbytes = raw.nbytes if qtype == raw.qtype else tensor_nbytes(raw.shape, qtype)
+        t = GGUFTensor(
+            source, raw.name, qtype, raw.shape, nbytes, raw.heads, raw=(raw.offset, raw.nbytes) if keep else None
+        )
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        tensors.append(t)
+    if requantized:
+        message = (
+            f"{len(requantized)} merged tensor(s) are of a type gguf-py cannot write and were quantized to "
+            f"{fallback.name} (--requant): {', '.join(requantized[:4])}{', ...' if len(requantized) > 4 else ''}"
+        )
+        log.warning(message)
+        warnings.append(message)
+    return writer, tensors
