@@ -190,7 +190,7 @@ def test_the_packages_own_merge_scales_loha_twice(unet_folder):
     torch.testing.assert_close(package - merged, (forward - merged) * module.scale)
 
 
-@pytest.mark.parametrize(("algo", "name"), [("diag-oft", "OFT/BOFT"), ("ia3", "IA3")])
+@pytest.mark.parametrize(("algo", "name"), [("ia3", "IA3")])  # OFT/BOFT: test_diffusion_lycoris_oft.py
 def test_algorithms_lorafuse_does_not_merge_are_refused_naming_them(unet_folder, tmp_path, algo, name):
     _unet, network = trained(unet_folder, algo, {}, seed=4)
     lora = save_network(network, tmp_path / "x.safetensors")
