@@ -33,6 +33,32 @@ def test_rounding_is_torch_s_bit_for_bit(name):
     assert np.array_equal(ours.view(np.uint16), to_numpy(theirs).view(np.uint16))
 
 
+def _fp16_edges() -> np.ndarray:
+    """fp16's edges: every subnormal step and the ties between them, the smallest normal, the overflow boundary
+    (65504 is the largest finite; 65520 and above round to Inf), infinities."""
+    steps = np.arange(-4200, 4201, dtype=np.float64) * 2.0**-26  # quarters of the 2**-24 subnormal step: ties too
+    near_max = np.array([65503.0, 65504.0, 65519.99, 65520.0, 65535.0, 65536.0, 1e6, 3.4e38], dtype=np.float64)
+    return np.concatenate([steps, [2.0**-14 * (1 - 2.0**-12)], near_max, -near_max, [np.inf, -np.inf]]).astype(
+        np.float32
+    )
+
+
+def test_fp16_rounding_edges_are_torch_s():
+    values = _fp16_edges()
+    with np.errstate(over="ignore"):
+        ours = arrays.round_to(values, arrays.F16)
+    theirs = to_numpy(torch.from_numpy(values).to(torch.float16))
+    assert np.array_equal(ours.view(np.uint16), theirs.view(np.uint16))
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_nan_stays_nan(name):
+    # Only NaN-ness is asserted: torch's NaN bytes depend on the CPU path (here it writes every bf16 NaN as
+    # 0xFFFF and quiets fp16 signalling NaNs); a merged tensor with NaN is refused before rounding anyway.
+    nans = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF812345, 0x7FFFFFFF], dtype=np.uint32).view(np.float32)
+    assert np.isnan(arrays.round_to(nans, arrays.parse_dtype(name)).astype(np.float32)).all()
+
+
 @pytest.mark.parametrize("code", ["BF16", "F16", "F32", "F8_E4M3", "F8_E5M2"])
 def test_decode_matches_torch(code):
     rng = np.random.default_rng(1)
@@ -44,6 +70,34 @@ def test_decode_matches_torch(code):
     assert np.array_equal(np.isnan(got), np.isnan(expected))
     finite = ~np.isnan(expected)
     assert np.array_equal(got[finite], expected[finite])
+
+
+def _every_fp16(finite: bool) -> np.ndarray:
+    values = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    return values[np.isfinite(values)] if finite else values
+
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_fp16_decodes_every_pattern_as_torch(finite):
+    # Finite only: the bit decode itself (subnormals and both zeros included); with Inf/NaN: the cast it falls back to.
+    values = _every_fp16(finite)
+    expected = torch.from_numpy(values).float().numpy()
+    got = arrays.decode_f32(values.view(np.uint8), arrays.F16)
+    assert np.array_equal(np.isnan(got), np.isnan(expected))
+    number = ~np.isnan(expected)
+    assert np.array_equal(got[number].view(np.uint32), expected[number].view(np.uint32))
+
+
+def test_fp16_decode_with_subnormals_read_as_zero():
+    # DAZ (torch.set_flush_denormal) would zero the fp32 subnormals the bit decode goes through: it takes the cast.
+    values = _every_fp16(finite=True)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        got = arrays.decode_f32(values, arrays.F16)
+    finally:
+        torch.set_flush_denormal(False)
+    assert np.array_equal(got.view(np.uint32), torch.from_numpy(values).float().numpy().view(np.uint32))
 
 
 def test_bridge_round_trips_every_dtype():

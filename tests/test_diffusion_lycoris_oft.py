@@ -1,12 +1,15 @@
 """LyCORIS OFT ("diag-oft") and BOFT files, trained with the lycoris-lora package on a tiny UNet, merged by lorafuse,
 against what the package's trained modules compute: each module's forward on random inputs, and the UNet's output
 with the network applied (at strength 1 and at the network's multiplier 0.5). The package's ``merge_to`` computes
-the same weights as its forward for these two (checked below, so a change in the package shows here).
+the same weights as its forward for these two (checked below, so a change in the package shows here). The runtime
+(``lorafuse.runtime.apply_adapter``) and ``merge --verify`` take these files, and LyCORIS DoRA ones (an edit that
+wraps another), too.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -16,13 +19,16 @@ from test_diffusion_lycoris import UNET_WEIGHTS, save_network, trained, unet_fol
 
 import lorafuse
 from lorafuse.arrays import decode_f32
-from lorafuse.edits import BlockOps
+from lorafuse.cli import main
+from lorafuse.edits import BlockOps, Edit, TensorRef
 from lorafuse.engine.cuda import TorchOps
 from lorafuse.engine.kernel import apply_edits
 from lorafuse.errors import AdapterError, ShapeMismatchError
 from lorafuse.formats import read_adapter
 from lorafuse.io.checkpoint import open_model
 from lorafuse.plan import build_plan
+from lorafuse.runtime import apply_adapter
+from lorafuse.runtime.apply import runtime_state
 
 # (algorithm, create_lycoris options): block size 4 (lora_dim) unless said otherwise
 CASES = {
@@ -132,6 +138,30 @@ def test_the_packages_merge_to_agrees_with_its_forward(unet_folder, case):  # no
         torch.testing.assert_close(merged, forward, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("prefix", ["lora_unet_", "diffusion_model."])
+def test_kohya_and_diffusion_model_named_oft_files_merge_the_same(unet_folder, tmp_path, prefix):  # noqa: F811
+    """sd-scripts and ComfyUI-style names of the same LyCORIS tensors."""
+    _unet, network = trained(unet_folder, "boft", {"rescaled": True}, seed=3)
+    lycoris = save_network(network, tmp_path / "lycoris.safetensors")
+    tensors = load_file(lycoris)
+    if prefix == "lora_unet_":
+        renamed = {prefix + k.removeprefix("lycoris_"): v for k, v in tensors.items()}
+    else:  # dotted module names: diffusion_model.down_blocks.0...., from the base's own names
+        base = load_file(unet_folder / UNET_WEIGHTS)
+        dotted = {k.removesuffix(".weight").replace(".", "_"): k.removesuffix(".weight") for k in base}
+        renamed = {}
+        for key, value in tensors.items():
+            module, _, slot = key.removeprefix("lycoris_").partition(".")
+            renamed[f"{prefix}{dotted[module]}.{slot}"] = value
+    save_file(renamed, tmp_path / "renamed.safetensors")
+    lorafuse.merge(unet_folder, [lycoris], tmp_path / "a")
+    lorafuse.merge(unet_folder, [tmp_path / "renamed.safetensors"], tmp_path / "b")
+    a, b = load_file(tmp_path / "a" / UNET_WEIGHTS), load_file(tmp_path / "b" / UNET_WEIGHTS)
+    base = load_file(unet_folder / UNET_WEIGHTS)
+    assert sum(not torch.equal(a[k], base[k]) for k in a) == len(network.loras)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_oft_blocks_that_do_not_cover_the_rows_are_refused(unet_folder, tmp_path):  # noqa: F811
     _unet, network = trained(unet_folder, "diag-oft", {}, seed=2)
     tensors = {k: v.detach().contiguous().clone() for k, v in network.state_dict().items()}
@@ -149,3 +179,38 @@ def test_oft_without_its_alpha_is_refused(unet_folder, tmp_path):  # noqa: F811
     save_file(tensors, tmp_path / "noalpha.safetensors")
     with pytest.raises(AdapterError, match="has no alpha .the OFT norm constraint."):
         lorafuse.merge(unet_folder, [tmp_path / "noalpha.safetensors"], tmp_path / "out")
+
+
+def file_refs(edit: Edit) -> list[str]:
+    """The adapter-file tensors an edit (and any edit it wraps) still reads from disk."""
+    found = []
+    for f in dataclasses.fields(edit):
+        value = getattr(edit, f.name)
+        if isinstance(value, Edit):
+            found += file_refs(value)
+        elif isinstance(value, TensorRef):
+            found.append(value.name)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("algo", "options"),
+    [("diag-oft", {"rescaled": True, "constraint": 0.002}), ("boft", {"rescaled": True}), ("loha", {"dora_wd": True})],
+)
+def test_the_runtime_computes_what_the_trained_network_does(unet_folder, tmp_path, algo, options):  # noqa: F811
+    unet, network = trained(unet_folder, algo, options, seed=6)
+    lora = save_network(network, tmp_path / "l.safetensors")
+    plain = UNet2DConditionModel.from_pretrained(unet_folder)
+    apply_adapter(plain, lora)
+    slots = runtime_state(plain).slots.values()
+    assert len(slots) == len(network.loras)
+    # every tensor is in memory (a DoRA edit's inner LoHa included): the file may change or go away
+    assert [ref for slot in slots for _name, edits in slot.entries for e in edits for ref in file_refs(e)] == []
+    torch.testing.assert_close(unet_output(plain), unet_output(unet), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["boft", "locon"])  # locon: LyCORIS DoRA
+def test_merge_verify_passes_on_lycoris_oft_and_dora_files(unet_folder, tmp_path, algo):  # noqa: F811
+    _unet, network = trained(unet_folder, algo, {"rescaled": True} if algo == "boft" else {"dora_wd": True}, seed=8)
+    lora = save_network(network, tmp_path / "l.safetensors")
+    assert main(["merge", str(unet_folder), str(lora), "-o", str(tmp_path / "out"), "--verify", "--quiet"]) == 0

@@ -218,3 +218,47 @@ def test_merge_into_a_tensor_llama_cpp_drops_is_refused(tmp_path):
     with pytest.raises(LorafuseError, match="change lm_head.weight, which llama.cpp's gemma2 does not have"):
         lorafuse.merge(base, [adapter], tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+PHI3_LINEAR = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "long_factor": [1.0 + i / 4 for i in range(8)],  # head_dim 16: 8 rotary pairs
+    "short_factor": [1.0 + i / 16 for i in range(8)],
+    "original_max_position_embeddings": 64,
+}
+PHI3_CASES = {
+    # (tokenizer, base dtype, outtype, extra config); Phi-3's own SentencePiece reader, or BPE for GPT2Tokenizer
+    "spm-f16": ("spm", torch.float32, "f16", {}),
+    "spm-q8_0-bf16-base-longrope": ("spm", torch.bfloat16, "q8_0", dict(rope_parameters=LONGROPE)),
+    "bpe-gpt2tokenizer-f32": ("bpe", torch.float32, "f32", dict(sliding_window=64)),
+}
+
+
+@pytest.mark.parametrize("case", list(PHI3_CASES))
+def test_phi3_gguf_equals_llama_cpp_conversion_of_peft_merge(case, tmp_path, monkeypatch):
+    tokenizer, dtype, outtype, config = PHI3_CASES[case]
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # Phi-3's defaults (32000) are past a tiny vocabulary
+    base = make_model(tmp_path / "base", "phi3", tokenizer, dtype, **ids, **config)
+    if tokenizer == "bpe":  # Phi-4's tokenizer class: the converter reads it as BPE
+        settings = json.loads((base / "tokenizer_config.json").read_text())
+        (base / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": "GPT2Tokenizer"}))
+        known_pre_tokenizer(base, monkeypatch)
+    else:  # added tokens in both places the Phi-3 reader looks (one special, one not)
+        settings = json.loads((base / "tokenizer_config.json").read_text())
+        settings["added_tokens_decoder"] = {
+            "3": {"content": "<|user|>", "special": True}, "4": {"content": "\u2581x", "special": False},
+        }  # fmt: skip
+        (base / "tokenizer_config.json").write_text(json.dumps(settings))
+    adapter = make_peft_adapter(base, tmp_path / "adapter", target_modules=PHI3_LINEAR, dtype=dtype)
+    ours = tmp_path / "merged.gguf"
+    report = lorafuse.merge(base, [adapter], ours, out_format="gguf", outtype=outtype)
+    assert report.tensors_touched == 8
+    reference = reference_gguf(base, adapter, tmp_path, outtype, dtype)
+    assert_same_gguf(ours, reference)
+    fields, tensors = read_gguf(ours)
+    if "rope_parameters" in config:  # the generated tensors and key are there (and equal the converter's, above)
+        assert list(tensors)[:2] == ["rope_factors_long.weight", "rope_factors_short.weight"]
+        assert np.array_equal(np.asarray(tensors["rope_factors_long.weight"].data), LONGROPE["long_factor"])
+        assert "phi3.rope.scaling.attn_factor" in fields

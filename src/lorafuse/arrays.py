@@ -104,7 +104,8 @@ def nbytes_of(dtype: np.dtype, shape: tuple[int, ...]) -> int:
 def decode_f32(raw: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
     """Little-endian tensor bytes (uint8, or already viewed as ``dtype``) as fp32 values, into ``out`` if given.
 
-    bf16 is the top half of an fp32, so it decodes with a shift (3x faster than a cast).
+    bf16 is the top half of an fp32, so it decodes with a shift (3x faster than a cast); fp16 on its bits too
+    (:func:`_decode_f16`).
     """
     dtype = np.dtype(dtype)
     values = raw.view(dtype) if raw.dtype != dtype else raw
@@ -112,9 +113,37 @@ def decode_f32(raw: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) 
         out = np.empty(values.shape, dtype=F32)
     if dtype == BF16:
         np.left_shift(values.view("<u2"), 16, out=out.view(np.uint32), dtype=np.uint32)
+    elif dtype == F16 and values.size and values.flags.c_contiguous and out.flags.c_contiguous and _keeps_subnormals():
+        _decode_f16(values, out)
     else:
         np.copyto(out, values, casting="unsafe")
     return out
+
+
+# fp16 bits shifted into an fp32's place read as the value times 2**-112 (an fp32 subnormal for an fp16 subnormal).
+F16_RESCALE = np.float32(2.0**112)
+F16_SIGN_AND_BITS = np.int32(-0x70000001)  # 0x8FFFFFFF: the sign, and no sign-extension bits over the exponent
+_SUBNORMAL_PROBE = np.array([2.0**-149], dtype=F32)
+
+
+def _keeps_subnormals() -> bool:
+    """False where this thread's FP environment reads subnormals as zero (DAZ, e.g. torch.set_flush_denormal),
+    which the fp16 bit decode relies on."""
+    return bool(np.multiply(_SUBNORMAL_PROBE, F16_RESCALE)[0] != 0)
+
+
+def _decode_f16(values: np.ndarray, out: np.ndarray) -> None:
+    """fp16 ``values`` as fp32 into ``out``, bit for bit numpy's cast: the sign-extended bits shifted into place
+    (the exponent rebased by 112, so the bits hold the value times 2**-112), then one exact multiply by 2**112.
+    Three numpy passes: 0.45-0.8 ns per element on a 1 MB block against 0.85-1.5 ns for the cast (scalar C here);
+    Inf and NaN (rare, never in a tensor the merge changes) take the cast."""
+    bits = out.view(np.int32)
+    np.left_shift(values.view("<i2"), 13, out=bits, dtype=np.int32)
+    np.bitwise_and(bits, F16_SIGN_AND_BITS, out=bits)
+    np.multiply(out, F16_RESCALE, out=out)
+    unsigned = values.view("<u2")
+    if int(unsigned.max()) >= 0xFC00 or int(unsigned.view("<i2").max()) >= 0x7C00:  # an Inf or NaN among them
+        np.copyto(out, values, casting="unsafe")
 
 
 def round_to(values: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,12 +207,75 @@ def _add_gemma3(writer: Any, params: dict[str, Any], folder: Path) -> None:
     writer.add_head_count_kv(params.get("num_key_value_heads", 4))
 
 
+def _phi3_dims(params: dict[str, Any], folder: Path) -> tuple[dict[str, Any], int]:
+    """Phi-3's rope settings and rotary dimension count, as the converter computes them."""
+    rope = rope_parameters(params)
+    if "original_max_position_embeddings" not in rope:
+        raise LorafuseError(
+            f"{folder / 'config.json'} has no original_max_position_embeddings, which Phi-3's GGUF records"
+        )
+    embd = find(params, ("hidden_size", "n_embd"))
+    heads = find(params, ("num_attention_heads", "n_head"))
+    return rope, int(rope.get("partial_rotary_factor", 1.0) * embd) // heads
+
+
+def _add_phi3(writer: Any, params: dict[str, Any], folder: Path, blocks: int, file_type: Any) -> None:
+    """Phi-3's own set (sliding_window 0 when the config has none, as the converter marks non-Phi-4 models)."""
+    rope, rope_dims = _phi3_dims(params, folder)
+    writer.add_context_length(find(params, ("n_positions", "max_position_embeddings")))
+    writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    writer.add_embedding_length(find(params, ("hidden_size", "n_embd")))
+    writer.add_feed_forward_length(required(params, "intermediate_size", folder))
+    writer.add_block_count(blocks)
+    writer.add_head_count(find(params, ("num_attention_heads", "n_head")))
+    writer.add_head_count_kv(find(params, ("num_key_value_heads", "n_head_kv")))
+    writer.add_layer_norm_rms_eps(required(params, "rms_norm_eps", folder))
+    writer.add_rope_dimension_count(rope_dims)
+    writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
+    writer.add_file_type(file_type)
+    writer.add_sliding_window(params.get("sliding_window") or 0)
+
+
+@dataclass(frozen=True)
+class RopeFactors:
+    """A long-context Phi-3's generated tensors (``rope_factors_long/short.weight``) and attention factor."""
+
+    attn_factor: float
+    long: np.ndarray
+    short: np.ndarray
+
+
+def phi3_rope_factors(params: dict[str, Any], folder: Path) -> RopeFactors | None:
+    """What the converter generates for a Phi-3 with rope ``long_factor``s (none without them); one-line errors
+    where the converter stops."""
+    rope, rope_dims = _phi3_dims(params, folder)
+    long, short = rope.get("long_factor"), rope.get("short_factor")
+    if not long:
+        return None
+    where = folder / "config.json"
+    scale = find(params, ("n_positions", "max_position_embeddings")) / rope["original_max_position_embeddings"]
+    kind = str(rope.get("rope_type") or "").lower()
+    if kind in ("su", "longrope"):
+        orig = rope["original_max_position_embeddings"]
+        attn_factor = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+    elif kind == "yarn":
+        attn_factor = 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
+    else:
+        raise LorafuseError(f"{where}: Phi-3 rope scaling {kind or '(no type)'} is not one llama.cpp converts")
+    if short is None or len(long) != len(short) or len(long) != rope_dims / 2:
+        raise LorafuseError(f"{where}: rope long_factor and short_factor must both have {rope_dims // 2} values")
+    return RopeFactors(attn_factor, np.asarray(long, dtype=np.float32), np.asarray(short, dtype=np.float32))
+
+
 def add_hparams(writer: Any, spec: GGUFArch, params: dict[str, Any], folder: Path, file_type: Any) -> None:
     """The ``<arch>.*`` hyperparameters and ``general.file_type`` (a key written twice keeps its first place and
     its last value, as in the converter)."""
     gguf = require_gguf()
     if spec.params == "gemma2":
         _add_gemma2(writer, params, folder, find(params, BLOCK_COUNT), file_type)
+        return
+    if spec.params == "phi3":
+        _add_phi3(writer, params, folder, find(params, BLOCK_COUNT), file_type)
         return
     writer.add_block_count(find(params, BLOCK_COUNT))
     for method, keys in TEXT_PARAMS:
@@ -255,6 +319,7 @@ class GGUFTensor:
     shift: float = 0.0  # added before conversion (Gemma's norms)
     raw: tuple[int, int] | None = None  # a GGUF base's untouched tensor: (offset, nbytes) of its bytes, copied as are
     offset: int = 0  # absolute, set once the header is written
+    generated: np.ndarray | None = None  # a tensor the converter makes from the config (Phi-3's rope factors)
 
 
 def tensor_type(spec: GGUFArch, name: str, shape: tuple[int, ...], outtype: str) -> Any:
@@ -298,6 +363,14 @@ def plan_tensors(
 
     blocks = find(params, BLOCK_COUNT)
     tensors = []
+    factors = phi3_rope_factors(params, folder) if spec.params == "phi3" and folder is not None else None
+    if factors is not None:  # generated before the checkpoint's tensors, as the converter yields them
+        gguf = require_gguf()
+        for key, values in (("ROPE_FACTORS_LONG", factors.long), ("ROPE_FACTORS_SHORT", factors.short)):
+            name = gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, key)] + ".weight"
+            qtype = gguf.GGMLQuantizationType.F32
+            shape = values.shape
+            tensors.append(GGUFTensor(name, name, qtype, shape, tensor_nbytes(shape, qtype), None, generated=values))
     for source, shape in sources:
         name = gguf_tensor_name(spec, blocks, source)
         if name is None:
@@ -339,6 +412,8 @@ def build_header(
     from .gguf_vocab import add_vocab
 
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, spec.arch)])
+    if spec.params == "phi3" and (factors := phi3_rope_factors(params, folder)) is not None:
+        writer.add_rope_scaling_attn_factors(factors.attn_factor)  # the converter adds it as it makes the tensors
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
     total, shared, expert, experts = writer.get_total_parameter_count()

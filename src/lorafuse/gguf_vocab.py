@@ -157,6 +157,60 @@ def _gpt2(writer: Any, folder: Path, hparams: dict[str, Any]) -> None:
     gguf.SpecialVocab(folder, load_merges=True).add_to_gguf(writer)
 
 
+def _phi3(writer: Any, folder: Path, hparams: dict[str, Any]) -> None:
+    """Phi-3's own reader: a GPT2Tokenizer folder (Phi-4) is read as BPE; else ``tokenizer.model`` padded to the
+    config's vocab_size, then the added tokens of ``added_tokens.json``, ``tokenizer_config.json`` and
+    ``tokenizer.json`` in that order, each user-defined (control when marked special), texts as written."""
+    gguf = require_gguf()
+    config = _read_json(folder / "tokenizer_config.json")
+    if config is not None and config.get("tokenizer_class") == "GPT2Tokenizer":
+        _gpt2(writer, folder, hparams)
+        return
+    model = folder / "tokenizer.model"
+    if not model.is_file():
+        raise LorafuseError(f"{model} is missing: llama.cpp's Phi-3 conversion reads a SentencePiece tokenizer")
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:
+        raise LorafuseError(f"{model} is a SentencePiece tokenizer: {GGUF_EXTRA} (sentencepiece)") from None
+    sp = SentencePieceProcessor()
+    sp.LoadFromFile(str(model))
+    types = gguf.TokenType
+    size = hparams.get("vocab_size", sp.vocab_size())
+    if sp.vocab_size() > size:
+        raise LorafuseError(f"{model} has {sp.vocab_size()} tokens, more than the config's vocab_size {size}")
+    tokens = [f"[PAD{i}]".encode() for i in range(size)]
+    scores = [-10000.0] * size
+    kinds = [types.UNUSED] * size
+    for i in range(sp.vocab_size()):
+        kind = types.NORMAL
+        if sp.IsUnknown(i):
+            kind = types.UNKNOWN
+        elif sp.IsControl(i):
+            kind = types.CONTROL
+        elif sp.IsUnused(i):
+            kind = types.UNUSED
+        elif sp.IsByte(i):
+            kind = types.BYTE
+        tokens[i], scores[i], kinds[i] = sp.IdToPiece(i).encode(), sp.GetScore(i), kind
+    for text, i in (_read_json(folder / "added_tokens.json") or {}).items():
+        if i < size:  # the converter skips ids past the vocabulary here
+            tokens[i], scores[i], kinds[i] = text.encode(), -1000.0, types.USER_DEFINED
+    added = [(int(k), d) for k, d in ((config or {}).get("added_tokens_decoder") or {}).items()]
+    added += [(int(d["id"]), d) for d in (_read_json(folder / "tokenizer.json") or {}).get("added_tokens", [])]
+    for i, data in added:
+        if not 0 <= i < size:  # the converter would stop with an IndexError
+            raise LorafuseError(f"added token {data['content']!r} of {folder} has id {i}, past vocab_size {size}")
+        tokens[i], scores[i] = data["content"].encode(), -1000.0
+        kinds[i] = types.CONTROL if data.get("special") else types.USER_DEFINED
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(kinds)
+    gguf.SpecialVocab(folder, n_vocab=len(tokens)).add_to_gguf(writer)
+
+
 def real_vocab_size(folder: Path, hparams: dict[str, Any]) -> int:
     """How many embedding rows have a token (Gemma3's GGUF keeps only those): a SentencePiece vocabulary is padded
     to the config's size; a tokenizer.json has its vocabulary plus its added tokens."""
@@ -176,7 +230,7 @@ def _spm_size(folder: Path) -> int:
     return sp.vocab_size()
 
 
-READERS = {"sentencepiece": _sentencepiece, "llama_hf": _llama_hf, "gpt2": _gpt2}
+READERS = {"sentencepiece": _sentencepiece, "llama_hf": _llama_hf, "gpt2": _gpt2, "phi3": _phi3}
 
 
 def add_vocab(writer: Any, folder: Path, spec: GGUFArch, hparams: dict[str, Any]) -> None:

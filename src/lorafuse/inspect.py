@@ -152,6 +152,7 @@ def inspect_adapter(
     if serving is not None:
         check_max_lora_rank(max_lora_rank)
     from .formats import detect_format, read_adapter
+    from .formats.describe import describe_diffusion
 
     path = Path(path)
     fmt = fmt or detect_format(path)
@@ -165,6 +166,7 @@ def inspect_adapter(
     checkpoints = _checkpoints(adapter.edits)
     try:
         rows = [{**_edit_row(t.target, t.edit, rslora), "optional": t.optional} for t in adapter.edits]
+        diffusion = describe_diffusion(adapter)  # layout, algorithms, parts of a diffusion LoRA (else None)
         parameters = sum(info.numel for ckpt in checkpoints for info in ckpt.infos.values())
         metadata: dict[str, str] = {}
         for ckpt in checkpoints:
@@ -204,6 +206,7 @@ def inspect_adapter(
         "modules": rows,
         "zero_effect": [r["target"] for r in rows if r["zero_effect"]],
         "serving": verdict,
+        "diffusion": diffusion,
     }
 
 
@@ -363,6 +366,8 @@ def _size_text(row: dict[str, Any]) -> str:
 
 
 def render_adapter(report: dict[str, Any]) -> str:
+    from .formats.describe import render_diffusion
+
     lines = [
         f"adapter      {report['path']}",
         f"format       {report['format']}",
@@ -386,6 +391,7 @@ def render_adapter(report: dict[str, Any]) -> str:
         f"targets      {json.dumps(report['target_modules'])}",
         f"parameters   {_human(report['parameters'])} ({report['parameters']})",
         f"edits        {', '.join(f'{k}: {v}' for k, v in report['edit_kinds'].items())}",
+        *([f"diffusion    {render_diffusion(report['diffusion'])}"] if report.get("diffusion") else []),
         "",
     ]
     rows = [

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..io.output import remove_stale_temporaries
 from ..report import text_table
 from .executors import Executor, Outcome, failed_message, make_executor
 from .jobs import run_job
@@ -238,6 +239,10 @@ def _run_waves(
 
     def ended(job: Job, outcome: Outcome) -> None:
         lines.stop(job.id)
+        if outcome.attempts > 1 and job.output is not None:
+            # A killed attempt's temporary is removed by the next attempt only once its process is gone; a Ray
+            # worker may still be exiting then. Every attempt has ended now: remove what dead ones left.
+            remove_stale_temporaries(Path(job.cwd) / job.output)
         entries[job.id] = JobEntry(
             job.id,
             job.command,

@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
             data["verify"] = verification.to_dict()
         print(json.dumps(data, indent=2))
         return 0 if verification is None or verification.passed else verify_failed(verification)
-    print("\n".join(render_merge(report)))
+    print("\n".join([*render_merge(report), *part_lines(report.adapters)]))
     if verification is not None:
         from ..verify import render
 
@@ -147,6 +147,26 @@ def run(args: argparse.Namespace) -> int:
         if not verification.passed:
             return verify_failed(verification)
     return 0
+
+
+def part_lines(adapters: list[dict]) -> list[str]:
+    """Per adapter of a diffusion model, how many LoRA modules of each part (UNet/transformer, each text encoder)
+    merged and were skipped, so that a part left out shows: "unet 79 merged, text encoder 2 skipped (72 modules, not
+    in the base)"."""
+    lines = []
+    for adapter in adapters:
+        said = []
+        for part, counts in adapter.get("parts", {}).items():
+            merged, skipped = counts["merged"], counts["skipped"]
+            if not merged:
+                said.append(f"{part} skipped ({skipped} modules, not in the base)")
+            else:
+                said.append(
+                    f"{part} {merged} merged" + (f", {skipped} skipped (no tensor in the base)" if skipped else "")
+                )
+        if said:
+            lines.append(f"  {adapter['path']}: {'; '.join(said)}")
+    return lines
 
 
 def verify_failed(verification) -> int:

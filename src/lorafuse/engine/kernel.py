@@ -3,12 +3,12 @@
 Every tensor that must be computed (changed by edits, converted to another dtype, dequantized) is one job: its
 base rows are read with ``preadv`` into a reused buffer, decoded to fp32 (bf16 by a shift), changed by its edits
 in order (edits.py), checked (NaN/Inf, the output dtype's range), rounded once to the output dtype (to nearest,
-ties to even: ``arrays.round_to``) and handed to the writer at their offset. A block is about 4 MB of fp32 rows,
-so it stays in the CPU cache between the decode, the products and the rounding; each thread reuses its buffers
-(fresh 4 MB arrays per block would cost page faults every time), so memory is a few blocks per thread whatever the
-tensor, and the factors of one tensor. Edits that need every row at once (a norm across rows) get the tensor as
-one block. Untouched tensors that keep their dtype are copied file to file (``copy_file_range``), or are already in
-place (the prefill, io/prefill.py).
+ties to even: ``arrays.round_to``) and handed to the writer at their offset. A block is about 1 MB of fp32 rows,
+so it and its buffers stay in the core's L2 cache between the decode, the products and the rounding; each thread
+reuses its buffers (fresh arrays per block would cost page faults every time), so memory is a few blocks per
+thread whatever the tensor, and the factors of one tensor. Edits that need every row at once (a norm across rows)
+get the tensor as one block. Untouched tensors that keep their dtype are copied file to file (``copy_file_range``),
+or are already in place (the prefill, io/prefill.py).
 
 Jobs run on :func:`math_threads` threads: numpy's loops and products release the GIL, and each product runs on one
 BLAS thread, so the merge threads share the cores instead of a gang-scheduled BLAS pool spinning beside them.
@@ -37,8 +37,10 @@ from ..math_threads import math_threads
 from ..plan import MergePlan, OutputTensor
 from ..torch_bridge import check_device
 
-# fp32 bytes of one row block: small enough to stay in cache between the decode, the products and the rounding.
-ROW_BLOCK_BYTES = 4 << 20
+# fp32 bytes of one row block: the block, its raw rows, the product and the rounded rows stay in L2 between the
+# decode, the products and the rounding. An fp16 rank-32 block pipeline took 3.9 ns per element at 1 MB (also at
+# 512 KB) against 4.2 ns at 4 MB and 256 KB (docs/performance.md); the bytes are the same whatever the size.
+ROW_BLOCK_BYTES = 1 << 20
 # A thread's buffers above this size (a whole-tensor block) are freed after the tensor, so one huge tensor does
 # not pin memory for the rest of the merge.
 KEEP_BUFFER_BYTES = 256 << 20

@@ -79,6 +79,9 @@ ARCHITECTURES: dict[str, GGUFArch] = {
     "Gemma3ForCausalLM": GGUFArch(
         "GEMMA3", params="gemma3", norm_shift=1.0, space_prefix=False, real_vocab=True, reads_gguf=False
     ),
+    # fused qkv_proj / gate_up_proj are llama.cpp's attn_qkv / ffn_up as they are; long-context models get
+    # generated rope-factor tensors (gguf_header.phi3_rope_factors)
+    "Phi3ForCausalLM": GGUFArch("PHI3", vocab=("phi3",), params="phi3", reads_gguf=False),
 }
 
 # Tensors the converter keeps in float32 whatever the output type (beyond 1-D tensors, norms and biases); the

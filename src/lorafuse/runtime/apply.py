@@ -371,7 +371,9 @@ def _in_memory(edit: Edit) -> Edit:
     changes = {}
     for f in fields(edit):
         value = getattr(edit, f.name)
-        if hasattr(value, "checkpoint") and hasattr(value, "load"):
+        if isinstance(value, Edit):  # an update another edit wraps (LyCORIS DoRA's LoRA, LoHa, LoKr)
+            changes[f.name] = _in_memory(value)
+        elif hasattr(value, "checkpoint") and hasattr(value, "load"):
             changes[f.name] = _MemRef(to_torch(value.load()), value.name)
     return replace(edit, **changes)
 

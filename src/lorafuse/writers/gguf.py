@@ -139,6 +139,9 @@ class GGUFSink:
         self._lock = threading.Lock()
         try:
             os.ftruncate(self.fd, size)  # the padding between tensors reads as zeros, as llama.cpp writes it
+            for t in tensors.values():
+                if t.generated is not None:  # no checkpoint tensor feeds these (Phi-3's rope factors)
+                    self._put(t, t.generated, 0)
         except BaseException:
             self.close()
             raise
