@@ -84,6 +84,22 @@ def run_one_by_one(folder: Path, argvs: list[list[str]]) -> None:
         os.chdir(here)
 
 
+# manifest_jobs' merges and extract as commands ({base}, {a}, {b}: the model and make_adapters' adapters).
+SEQUENTIAL = [
+    ["merge", "{base}", "{a}", "-o", "out/m-a", "--max-shard-size", "60KB"],
+    ["merge", "{base}", "{a}", "{b}", "--weight", "0.5", "1.5", "--dtype", "bf16", "-o", "out/m-ab",
+     "--max-shard-size", "60KB"],
+    ["extract", "{base}", "out/m-a", "--rank", "4", "-o", "out/x-a"],
+]  # fmt: skip
+
+
+def run_sequential(base: Path, adapters: dict[str, Path], folder: Path) -> Path:
+    """:data:`SEQUENTIAL` run one by one in ``folder``: the bytes every executor must give; returns ``folder/out``."""
+    names = {"base": str(base), **{k: str(v) for k, v in adapters.items()}}
+    run_one_by_one(folder, [[arg.format(**names) for arg in argv] for argv in SEQUENTIAL])
+    return folder / "out"
+
+
 def same_tree(got: Path, want: Path, also: tuple[str, ...] = ()) -> None:
     """Every file of ``want`` is in ``got`` with the same bytes; the provenance files equal but for RUN_FIELDS and
     the fields ``also``."""

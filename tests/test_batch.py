@@ -13,7 +13,7 @@ from batch_helpers import (
     make_adapters,
     manifest_jobs,
     no_litter,
-    run_one_by_one,
+    run_sequential,
     same_tree,
     write_manifest,
 )
@@ -22,13 +22,6 @@ from lorafuse.batch.manifest import load_manifest
 from lorafuse.batch.runner import run_batch
 from lorafuse.cli import main
 from lorafuse.errors import InputError
-
-SEQUENTIAL = [
-    ["merge", "{base}", "{a}", "-o", "out/m-a", "--max-shard-size", "60KB"],
-    ["merge", "{base}", "{a}", "{b}", "--weight", "0.5", "1.5", "--dtype", "bf16", "-o", "out/m-ab",
-     "--max-shard-size", "60KB"],
-    ["extract", "{base}", "out/m-a", "--rank", "4", "-o", "out/x-a"],
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +32,7 @@ def adapters(llama_untied, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def sequential(llama_untied, adapters, tmp_path_factory) -> Path:
     """The manifest's commands run one by one: the bytes every executor must give."""
-    folder = tmp_path_factory.mktemp("sequential")
-    names = {"base": str(llama_untied), **{k: str(v) for k, v in adapters.items()}}
-    run_one_by_one(folder, [[arg.format(**names) for arg in argv] for argv in SEQUENTIAL])
-    return folder / "out"
+    return run_sequential(llama_untied, adapters, tmp_path_factory.mktemp("sequential"))
 
 
 def test_local_batch_gives_the_commands_bytes_and_fails_a_bad_job_alone(llama_untied, adapters, sequential, tmp_path):

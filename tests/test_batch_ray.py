@@ -13,7 +13,7 @@ from batch_helpers import (
     make_adapters,
     manifest_jobs,
     no_litter,
-    run_one_by_one,
+    run_sequential,
     same_tree,
     write_manifest,
 )
@@ -38,18 +38,8 @@ def adapters(llama_untied, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def sequential(llama_untied, adapters, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("sequential")
-    base, a, b = str(llama_untied), str(adapters["a"]), str(adapters["b"])
-    run_one_by_one(
-        folder,
-        [
-            ["merge", base, a, "-o", "out/m-a", "--max-shard-size", "60KB"],
-            ["merge", base, a, b, "--weight", "0.5", "1.5", "--dtype", "bf16", "-o", "out/m-ab", "--max-shard-size",
-             "60KB"],
-            ["extract", base, "out/m-a", "--rank", "4", "-o", "out/x-a"],
-        ],
-    )  # fmt: skip
-    return folder / "out"
+    """The manifest's commands run one by one: the bytes every executor must give."""
+    return run_sequential(llama_untied, adapters, tmp_path_factory.mktemp("sequential"))
 
 
 def test_ray_batch_gives_the_commands_bytes_and_fails_a_bad_job_alone(llama_untied, adapters, sequential, tmp_path):

@@ -30,6 +30,7 @@ from lorafuse.names import layout_of
 diffusers = pytest.importorskip("diffusers")
 from diffusers import FluxPipeline, FluxTransformer2DModel  # noqa: E402
 from diffusers.loaders import lora_conversion_utils, single_file_utils  # noqa: E402
+from diffusion_oracle import assert_same, random_state  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 HEADS, HEAD_DIM = 2, 8
@@ -101,8 +102,7 @@ def bfl_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def random_bfl(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in bfl_shapes().items()}
+    return random_state(bfl_shapes(), seed)
 
 
 def converted(bfl: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -114,12 +114,6 @@ def diffusers_model(bfl: dict[str, np.ndarray]) -> FluxTransformer2DModel:
     model = FluxTransformer2DModel(**CONFIG)
     model.load_state_dict(converted(bfl), strict=True)  # the converted names and shapes are exactly the model's
     return model
-
-
-def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert set(got) == set(want)
-    for key, value in want.items():
-        torch.testing.assert_close(got[key].float(), value.float(), rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.fixture(scope="module")

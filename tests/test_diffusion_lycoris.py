@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -132,15 +133,13 @@ def test_lycoris_file_merges_as_the_trained_network_computes(unet_folder, tmp_pa
     torch.testing.assert_close(unet_output(plain), want_out, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["locon_tucker", "loha_tucker", "lokr_tucker", "dora", "dora_on_input", "glora"])
-def test_the_cuda_kernels_torch_ops_compute_the_same(unet_folder, tmp_path, case):
-    """The edits run on torch tensors (the --device cuda kernel's ops, here on the CPU) as on numpy."""
-    algo, options = CASES[case]
-    _unet, network = trained(unet_folder, algo, options, seed=9)
-    lora = save_network(network, tmp_path / "l.safetensors")
-    base, _prefix, _index = open_model(unet_folder)
+def edited_both_ways(folder: Path, lora: Path) -> list[tuple[str, np.ndarray, np.ndarray, torch.Tensor]]:
+    """Each tensor of ``folder`` the merge of ``lora`` touches: (name, its stored rows, those rows edited by the
+    numpy kernel's ops, and by the torch ops the --device cuda kernel uses, here on the CPU)."""
+    base, _prefix, _index = open_model(folder)
     shapes = {name: info.shape for name, info in base.infos.items()}
     plan = build_plan(base, [read_adapter(lora, base_shapes=shapes)])
+    edited = []
     for out in plan.touched:
         rows = base.infos[out.source].shape[0]
         stored = decode_f32(base.array(out.source), base.infos[out.source].dtype).reshape(rows, -1)
@@ -148,7 +147,18 @@ def test_the_cuda_kernels_torch_ops_compute_the_same(unet_folder, tmp_path, case
         apply_edits(out, on_numpy, 0, BlockOps(), lambda block: block.copy())
         on_torch = torch.from_numpy(stored.copy())
         apply_edits(out, on_torch, 0, TorchOps("cpu"), lambda block: block.clone())
-        torch.testing.assert_close(on_torch, torch.from_numpy(on_numpy), rtol=1e-5, atol=1e-6, msg=out.name)
+        edited.append((out.name, stored, on_numpy, on_torch))
+    return edited
+
+
+@pytest.mark.parametrize("case", ["locon_tucker", "loha_tucker", "lokr_tucker", "dora", "dora_on_input", "glora"])
+def test_the_cuda_kernels_torch_ops_compute_the_same(unet_folder, tmp_path, case):
+    """The edits run on torch tensors (the --device cuda kernel's ops, here on the CPU) as on numpy."""
+    algo, options = CASES[case]
+    _unet, network = trained(unet_folder, algo, options, seed=9)
+    lora = save_network(network, tmp_path / "l.safetensors")
+    for name, _stored, on_numpy, on_torch in edited_both_ways(unet_folder, lora):
+        torch.testing.assert_close(on_torch, torch.from_numpy(on_numpy), rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_kohya_named_lycoris_file_merges_the_same(unet_folder, tmp_path):
@@ -163,14 +173,17 @@ def test_kohya_named_lycoris_file_merges_the_same(unet_folder, tmp_path):
 
 @pytest.mark.parametrize("case", ["loha", "dora"])
 def test_strength_scales_as_the_networks_multiplier(unet_folder, tmp_path, case):
-    algo, options = CASES[case]
-    unet, network = trained(unet_folder, algo, options, seed=11)
+    assert_half_strength_is_half_multiplier(unet_folder, tmp_path, *CASES[case])
+
+
+def assert_half_strength_is_half_multiplier(folder: Path, tmp_path: Path, algo: str, options: dict) -> None:
+    """A merge at strength 0.5 gives the UNet output of the trained network with every module's multiplier 0.5."""
+    unet, network = trained(folder, algo, options, seed=11)
     lora = save_network(network, tmp_path / "l.safetensors")
-    network.multiplier = 0.5
-    for module in network.loras:
+    for module in network.loras:  # what the forward reads (the network's own multiplier only seeds them)
         module.multiplier = 0.5
     want = unet_output(unet)
-    lorafuse.merge(unet_folder, [lora], tmp_path / "out", weights=[0.5])
+    lorafuse.merge(folder, [lora], tmp_path / "out", weights=[0.5])
     plain = UNet2DConditionModel.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(unet_output(plain), want, rtol=1e-4, atol=1e-5)
 

@@ -15,18 +15,20 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
-from test_diffusion_lycoris import UNET_WEIGHTS, save_network, trained, unet_folder, unet_output  # noqa: F401
+from test_diffusion_lycoris import (  # noqa: F401
+    UNET_WEIGHTS,
+    assert_half_strength_is_half_multiplier,
+    edited_both_ways,
+    save_network,
+    trained,
+    unet_folder,
+    unet_output,
+)
 
 import lorafuse
-from lorafuse.arrays import decode_f32
 from lorafuse.cli import main
-from lorafuse.edits import BlockOps, Edit, TensorRef
-from lorafuse.engine.cuda import TorchOps
-from lorafuse.engine.kernel import apply_edits
+from lorafuse.edits import Edit, TensorRef
 from lorafuse.errors import AdapterError, ShapeMismatchError
-from lorafuse.formats import read_adapter
-from lorafuse.io.checkpoint import open_model
-from lorafuse.plan import build_plan
 from lorafuse.runtime import apply_adapter
 from lorafuse.runtime.apply import runtime_state
 
@@ -91,15 +93,7 @@ def test_lycoris_oft_file_merges_as_the_trained_network_computes(unet_folder, tm
 @pytest.mark.parametrize("case", ["oft_rescaled", "boft_rescaled"])
 def test_strength_is_the_networks_multiplier(unet_folder, tmp_path, case):  # noqa: F811
     """LyCORIS scales each rotation (each BOFT stage) toward I and keeps the rescale whole: not a linear blend."""
-    algo, options = CASES[case]
-    unet, network = trained(unet_folder, algo, options, seed=11)
-    lora = save_network(network, tmp_path / "l.safetensors")
-    for module in network.loras:
-        module.multiplier = 0.5
-    want = unet_output(unet)
-    lorafuse.merge(unet_folder, [lora], tmp_path / "out", weights=[0.5])
-    plain = UNet2DConditionModel.from_pretrained(tmp_path / "out")
-    torch.testing.assert_close(unet_output(plain), want, rtol=1e-4, atol=1e-5)
+    assert_half_strength_is_half_multiplier(unet_folder, tmp_path, *CASES[case])
 
 
 @pytest.mark.parametrize("case", ["oft_constrained", "boft_rescaled"])
@@ -107,19 +101,11 @@ def test_the_cuda_kernels_torch_ops_compute_the_same(unet_folder, tmp_path, case
     algo, options = CASES[case]
     _unet, network = trained(unet_folder, algo, options, seed=9)
     lora = save_network(network, tmp_path / "l.safetensors")
-    base, _prefix, _index = open_model(unet_folder)
-    shapes = {name: info.shape for name, info in base.infos.items()}
-    plan = build_plan(base, [read_adapter(lora, base_shapes=shapes)])
-    assert plan.touched
-    for out in plan.touched:
-        rows = base.infos[out.source].shape[0]
-        stored = decode_f32(base.array(out.source), base.infos[out.source].dtype).reshape(rows, -1)
-        on_numpy = stored.copy()
-        apply_edits(out, on_numpy, 0, BlockOps(), lambda block: block.copy())
-        on_torch = torch.from_numpy(stored.copy())
-        apply_edits(out, on_torch, 0, TorchOps("cpu"), lambda block: block.clone())
-        assert not torch.equal(on_torch, torch.from_numpy(stored)), out.name
-        torch.testing.assert_close(on_torch, torch.from_numpy(on_numpy), rtol=1e-5, atol=1e-6, msg=out.name)
+    edited = edited_both_ways(unet_folder, lora)
+    assert edited
+    for name, stored, on_numpy, on_torch in edited:
+        assert not torch.equal(on_torch, torch.from_numpy(stored)), name
+        torch.testing.assert_close(on_torch, torch.from_numpy(on_numpy), rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("case", ["oft_constrained", "boft_rescaled"])

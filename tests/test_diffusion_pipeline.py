@@ -19,12 +19,12 @@ from lorafuse.errors import InputError, LorafuseError
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
-    AutoencoderKL,
     DDIMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusion_oracle import fused_sdxl_unet, tiny_text_encoder, tiny_unet, tiny_vae  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.2")
@@ -42,28 +42,8 @@ def tiny_tokenizer(folder: Path) -> CLIPTokenizer:
 def tiny_pipeline(root: Path) -> Path:
     """A random SD 1.x-shaped pipeline saved as diffusers saves one (model_index.json, one folder per component)."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    te = CLIPTextModel(
-        CLIPTextConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, vocab_size=100)
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        latent_channels=4,
-        norm_num_groups=8,
-    )
+    unet, te = tiny_unet(), tiny_text_encoder()
+    vae = tiny_vae()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=te,
@@ -246,13 +226,7 @@ def tiny_sdxl_pipeline(root: Path) -> Path:
         norm_num_groups=8,
     )
     config = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, vocab_size=100)
-    vae = AutoencoderKL(
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        latent_channels=4,
-        norm_num_groups=8,
-    )
+    vae = tiny_vae()
     tokenizer = tiny_tokenizer(root / "tokenizer_src")
     pipe = StableDiffusionXLPipeline(
         vae=vae,
@@ -328,15 +302,7 @@ def test_kohya_sdxl_lora_in_original_block_names_merges_into_an_sdxl_pipeline(tm
     save_file(lora, tmp_path / "sdxl_ldm.safetensors")
     out = tmp_path / "merged"
     report = lorafuse.merge(pipe, [tmp_path / "sdxl_ldm.safetensors"], out)
-    # diffusers maps kohya's SGM block names onto its own with the UNet's config
-    fresh = UNet2DConditionModel.from_pretrained(pipe / "unet")
-    state, alphas = StableDiffusionXLPipeline.lora_state_dict(
-        str(tmp_path / "sdxl_ldm.safetensors"), unet_config=fresh.config
-    )
-    StableDiffusionXLPipeline.load_lora_into_unet(state, alphas, fresh)
-    fresh.fuse_lora()
-    fresh.unload_lora()
-    assert_pipeline_merged(out, pipe, {"unet": {k: v.detach() for k, v in fresh.state_dict().items()}})
+    assert_pipeline_merged(out, pipe, {"unet": fused_sdxl_unet(pipe / "unet", tmp_path / "sdxl_ldm.safetensors")})
     assert report.adapters[0]["parts"]["UNet/transformer"]["merged"] > 0
     for comp in ("text_encoder", "text_encoder_2", "vae"):
         assert (out / WEIGHT_FILES[comp]).read_bytes() == (pipe / WEIGHT_FILES[comp]).read_bytes()

@@ -28,6 +28,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import WanPipeline, WanTransformer3DModel  # noqa: E402
 from diffusers.loaders import lora_conversion_utils  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers  # noqa: E402
+from diffusion_oracle import assert_same, random_state  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 HEADS, HEAD_DIM = 2, 8
@@ -94,8 +95,7 @@ def original_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def random_original(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in original_shapes().items()}
+    return random_state(original_shapes(), seed)
 
 
 def converted(original: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -107,12 +107,6 @@ def diffusers_model(original: dict[str, np.ndarray]) -> WanTransformer3DModel:
     model = WanTransformer3DModel(**CONFIG)
     model.load_state_dict(converted(original), strict=True)  # the converted names and shapes are exactly the model's
     return model
-
-
-def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert set(got) == set(want)
-    for key, value in want.items():
-        torch.testing.assert_close(got[key].float(), value.float(), rtol=1e-5, atol=1e-6, msg=key)
 
 
 def fused(model: WanTransformer3DModel, state, metadata=None) -> dict[str, torch.Tensor]:

@@ -234,3 +234,23 @@ def test_a_checkpoint_entry_that_cannot_be_read_is_refused_not_skipped(trained, 
     with pytest.raises((InputError, SourceError), match=expected):
         lorafuse.merge(base, [copy], tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_verify_names_the_checkpoint_it_took_in_its_report(trained, tmp_path, capsys):
+    """Given the training folder, or reading the merged folder's record of it: the checkpoint is in the printed
+    report (stdout, so also with -q), not only in the -v log."""
+    base, out = trained
+    merged = tmp_path / "merged"
+    assert main(["merge", str(base), str(out), "-o", str(merged), "-q"]) == 0
+    capsys.readouterr()
+    verify = ["verify", str(merged), "--no-output-check", "-q"]
+    assert main([*verify, "--base", str(base), "--adapter", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"adapters     {out / 'checkpoint-10'} (weight 1)" in lines
+    assert (
+        f"note: {out} is a training output folder: merging its latest checkpoint, checkpoint-10 (step 10"
+        in "\n".join(lines)
+    )
+    assert main(verify) == 0  # what lorafuse_merge.json records: the checkpoint itself
+    (inputs,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("inputs")]
+    assert f"adapters {out / 'checkpoint-10'} (weight 1)" in inputs

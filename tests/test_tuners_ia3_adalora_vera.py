@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftModel, PveraConfig, VeraConfig, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+from tuner_helpers import load_module, peft_merged_in_turn, save_module, tiny_qwen3
 
 import lorafuse
 from lorafuse.cli import main
@@ -59,15 +60,7 @@ def _save_zoo(folder: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         for param in zoo.parameters():
             param.add_(0.1 * torch.randn(param.shape))  # Conv1D starts with zero biases
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in zoo.state_dict().items()}, folder / "model.safetensors")
-    return folder
-
-
-def _load_zoo(folder: Path) -> Zoo:
-    zoo = Zoo()
-    zoo.load_state_dict(load_file(folder / "model.safetensors"))
-    return zoo.eval()
+    return save_module(zoo, folder)
 
 
 def _randomize(model: nn.Module, seed: int) -> None:
@@ -91,14 +84,6 @@ def _make_adapter(base: nn.Module, config, out: Path, seed: int = 1, rank_patter
     return out
 
 
-def _peft_merged(model: nn.Module, adapters: list[Path]) -> dict[str, torch.Tensor]:
-    """PEFT's merge of the adapters in order: each merged before the next is loaded (PEFT cannot hold adapters of
-    different tuner types at once)."""
-    for path in adapters:
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     got: dict[str, torch.Tensor] = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
@@ -117,10 +102,12 @@ def _assert_same(merged_dir: Path, expected: dict[str, torch.Tensor], base: dict
 
 def _merge_zoo(tmp_path: Path, configs: list, **merge_kwargs) -> tuple[list[str], Any]:
     base_dir = _save_zoo(tmp_path / "base")
-    adapters = [_make_adapter(_load_zoo(base_dir), c, tmp_path / f"a{i}", seed=i + 1) for i, c in enumerate(configs)]
+    adapters = [
+        _make_adapter(load_module(Zoo(), base_dir), c, tmp_path / f"a{i}", seed=i + 1) for i, c in enumerate(configs)
+    ]
     out = tmp_path / "merged"
     report = lorafuse.merge(base_dir, adapters, out, dtype="fp32", conv1d_modules=CONV1D, **merge_kwargs)
-    expected = _peft_merged(_load_zoo(base_dir), adapters)
+    expected = peft_merged_in_turn(load_module(Zoo(), base_dir), adapters)
     return _assert_same(out, expected, load_file(base_dir / "model.safetensors")), report
 
 
@@ -154,11 +141,11 @@ def test_ia3_weight_moves_the_vector_toward_one(tmp_path):
     """PEFT has no strength for IA3; lorafuse's --weight s merges the vector 1 + s * (l - 1)."""
     base_dir = _save_zoo(tmp_path / "base")
     config = IA3Config(target_modules=IA3_ALL, feedforward_modules=["ff", "c1d", "gconv"])
-    adapter = _make_adapter(_load_zoo(base_dir), config, tmp_path / "adapter")
+    adapter = _make_adapter(load_module(Zoo(), base_dir), config, tmp_path / "adapter")
     out = tmp_path / "merged"
     argv = ["merge", str(base_dir), str(adapter), "-o", str(out), "--dtype", "fp32", "--weight", "0.5"]
     assert main([*argv, "--conv1d-modules", CONV1D]) == 0
-    model = PeftModel.from_pretrained(_load_zoo(base_dir), adapter)
+    model = PeftModel.from_pretrained(load_module(Zoo(), base_dir), adapter)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "ia3_l" in name:
@@ -187,7 +174,7 @@ def test_ia3_gpt2_through_cli(gpt2, tmp_path):
     adapter = _make_adapter(AutoModelForCausalLM.from_pretrained(gpt2), config, tmp_path / "adapter")
     out = tmp_path / "merged"
     assert main(["merge", str(gpt2), str(adapter), "-o", str(out), "--dtype", "fp32"]) == 0
-    expected = _peft_merged(AutoModelForCausalLM.from_pretrained(gpt2), [adapter])
+    expected = peft_merged_in_turn(AutoModelForCausalLM.from_pretrained(gpt2), [adapter])
     got = _tensors(out)
     for name, value in expected.items():
         if name in got:
@@ -207,7 +194,7 @@ def test_square_layer_without_evidence_is_refused(config, tmp_path):
     """No config.json and no --conv1d-modules: a square weight may be Linear or Conv1D, so it is refused (the
     non-square one beside it is oriented by its shape)."""
     base_dir = _save_zoo(tmp_path / "base")
-    adapter = _make_adapter(_load_zoo(base_dir), config, tmp_path / "a")
+    adapter = _make_adapter(load_module(Zoo(), base_dir), config, tmp_path / "a")
     with pytest.raises(AdapterError, match=r"'base_model\.model\.square\..*square 16x16 weight .* --conv1d-modules"):
         lorafuse.merge(base_dir, [adapter], tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -216,7 +203,7 @@ def test_square_layer_without_evidence_is_refused(config, tmp_path):
 def test_ia3_config_that_contradicts_the_vectors_is_refused(tmp_path):
     base_dir = _save_zoo(tmp_path / "base")
     adapter = _make_adapter(
-        _load_zoo(base_dir), IA3Config(target_modules=["lin"], feedforward_modules=[]), tmp_path / "a"
+        load_module(Zoo(), base_dir), IA3Config(target_modules=["lin"], feedforward_modules=[]), tmp_path / "a"
     )
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["feedforward_modules"] = ["lin"]
@@ -226,7 +213,9 @@ def test_ia3_config_that_contradicts_the_vectors_is_refused(tmp_path):
 
 def test_ia3_untrained_adapter_changes_nothing(tmp_path):
     base_dir = _save_zoo(tmp_path / "base")
-    model = get_peft_model(_load_zoo(base_dir), IA3Config(target_modules=["lin", "conv"], feedforward_modules=[]))
+    model = get_peft_model(
+        load_module(Zoo(), base_dir), IA3Config(target_modules=["lin", "conv"], feedforward_modules=[])
+    )
     model.save_pretrained(tmp_path / "a")  # PEFT's init: every vector is ones
     report = lorafuse.merge(base_dir, [tmp_path / "a"], tmp_path / "out", conv1d_modules="none")
     assert any("changes nothing" in w for w in report.warnings)
@@ -262,10 +251,10 @@ def _adalora(**kwargs) -> AdaLoraConfig:
 )
 def test_adalora_zoo_matches_peft(config, rank_pattern, tmp_path):
     base_dir = _save_zoo(tmp_path / "base")
-    adapter = _make_adapter(_load_zoo(base_dir), config, tmp_path / "adapter", rank_pattern=rank_pattern)
+    adapter = _make_adapter(load_module(Zoo(), base_dir), config, tmp_path / "adapter", rank_pattern=rank_pattern)
     out = tmp_path / "merged"
     lorafuse.merge(base_dir, [adapter], out, dtype="fp32", conv1d_modules=CONV1D)
-    expected = _peft_merged(_load_zoo(base_dir), [adapter])  # PEFT's load resizes by rank_pattern
+    expected = peft_merged_in_turn(load_module(Zoo(), base_dir), [adapter])  # PEFT's load resizes by rank_pattern
     moved = _assert_same(out, expected, load_file(base_dir / "model.safetensors"))
     pruned_away = {"square.weight"} if rank_pattern and "square.lora_E" in rank_pattern else set()
     assert set(moved) == {f"{m}.weight" for m in ADA_MODULES} - pruned_away
@@ -279,11 +268,11 @@ def test_adalora_weight_through_cli(tmp_path):
     """--weight scales AdaLoRA's update as it scales PEFT's ``scaling`` of each layer."""
     base_dir = _save_zoo(tmp_path / "base")
     pattern = {"lin.lora_E": [True, False, True, True]}
-    adapter = _make_adapter(_load_zoo(base_dir), _adalora(), tmp_path / "adapter", rank_pattern=pattern)
+    adapter = _make_adapter(load_module(Zoo(), base_dir), _adalora(), tmp_path / "adapter", rank_pattern=pattern)
     out = tmp_path / "merged"
     argv = ["merge", str(base_dir), str(adapter), "-o", str(out), "--dtype", "fp32", "--weight", "0.5"]
     assert main([*argv, "--conv1d-modules", CONV1D]) == 0
-    model = PeftModel.from_pretrained(_load_zoo(base_dir), adapter)
+    model = PeftModel.from_pretrained(load_module(Zoo(), base_dir), adapter)
     for layer in model.modules():
         if isinstance(getattr(layer, "scaling", None), dict) and "default" in layer.scaling:
             layer.scaling["default"] *= 0.5
@@ -293,7 +282,7 @@ def test_adalora_weight_through_cli(tmp_path):
 
 def test_adalora_rank_pattern_that_does_not_fit_the_weights_is_refused(tmp_path):
     base_dir = _save_zoo(tmp_path / "base")
-    adapter = _make_adapter(_load_zoo(base_dir), _adalora(), tmp_path / "adapter")
+    adapter = _make_adapter(load_module(Zoo(), base_dir), _adalora(), tmp_path / "adapter")
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["rank_pattern"] = {"lin.lora_E": [True, False, False, False]}
     (adapter / "adapter_config.json").write_text(json.dumps(config))
@@ -331,7 +320,7 @@ def test_vera_regenerated_projections_are_peft_s(tmp_path):
 
     base_dir = _save_zoo(tmp_path / "base")
     config = VeraConfig(target_modules=VERA_MODULES, r=3, save_projection=False, projection_prng_key=77)
-    model = get_peft_model(_load_zoo(base_dir), config)
+    model = get_peft_model(load_module(Zoo(), base_dir), config)
     regenerated = Regenerated(77, 3, 3, 20, frozenset(["a", "b"]), "test")
     regenerated.note("a", 12)
     regenerated.note("b", 20)
@@ -343,7 +332,7 @@ def test_vera_regenerated_projections_are_peft_s(tmp_path):
 def test_vera_regenerated_without_torch_is_one_line(tmp_path, monkeypatch):
     base_dir = _save_zoo(tmp_path / "base")
     config = VeraConfig(target_modules=["lin"], r=2, save_projection=False)
-    adapter = _make_adapter(_load_zoo(base_dir), config, tmp_path / "adapter")
+    adapter = _make_adapter(load_module(Zoo(), base_dir), config, tmp_path / "adapter")
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails, as where it is not installed
     with pytest.raises(MissingExtraError, match=r"save_projection=false\) needs PyTorch.*lorafuse\[torch\]"):
         lorafuse.merge(base_dir, [adapter], tmp_path / "out")
@@ -353,18 +342,21 @@ def test_vera_regenerated_without_torch_is_one_line(tmp_path, monkeypatch):
 def test_vera_weight_and_lora_after_it(tmp_path):
     """--weight scales VeRA's update (PEFT: the scaled update); then a LoRA applies on the result."""
     base_dir = _save_zoo(tmp_path / "base")
-    vera = _make_adapter(_load_zoo(base_dir), VeraConfig(target_modules=["lin", "c1d"], r=4), tmp_path / "v")
+    vera = _make_adapter(load_module(Zoo(), base_dir), VeraConfig(target_modules=["lin", "c1d"], r=4), tmp_path / "v")
     lora = _make_adapter(
-        _load_zoo(base_dir), LoraConfig(target_modules=["lin"], r=2, init_lora_weights=False), tmp_path / "l", seed=3
+        load_module(Zoo(), base_dir),
+        LoraConfig(target_modules=["lin"], r=2, init_lora_weights=False),
+        tmp_path / "l",
+        seed=3,
     )
     out = tmp_path / "merged"
     lorafuse.merge(base_dir, [vera, lora], out, weights=[0.25, 1.0], dtype="fp32", conv1d_modules=CONV1D)
-    model = PeftModel.from_pretrained(_load_zoo(base_dir), vera)
+    model = PeftModel.from_pretrained(load_module(Zoo(), base_dir), vera)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "vera_lambda_b" in name:
                 param.mul_(0.25)
-    expected = _peft_merged(model.merge_and_unload(), [lora])
+    expected = peft_merged_in_turn(model.merge_and_unload(), [lora])
     assert _assert_same(out, expected, load_file(base_dir / "model.safetensors"))
 
 
@@ -373,29 +365,7 @@ def test_vera_weight_and_lora_after_it(tmp_path):
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
-        "qwen3",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-        attention_bias=True,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape))  # the biases start at zero: IA3 would scale zeros
-    folder = tmp_path_factory.mktemp("qwen3") / "qwen3"
-    model.save_pretrained(folder)
-    return folder
+    return tiny_qwen3(tmp_path_factory.mktemp("qwen3") / "qwen3", attention_bias=True)
 
 
 QWEN_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
@@ -415,7 +385,7 @@ def test_qwen3_matches_peft(config, qwen3, tmp_path):
     adapter = _make_adapter(AutoModelForCausalLM.from_pretrained(qwen3), config, tmp_path / "adapter")
     out = tmp_path / "merged"
     lorafuse.merge(qwen3, [adapter], out, dtype="fp32")
-    expected = _peft_merged(AutoModelForCausalLM.from_pretrained(qwen3), [adapter])
+    expected = peft_merged_in_turn(AutoModelForCausalLM.from_pretrained(qwen3), [adapter])
     got = _tensors(out)
     assert set(got) == set(expected)
     for name, value in expected.items():
@@ -436,7 +406,7 @@ def test_inspect_names_each_kind(tmp_path, capsys):
         "adalora": AdaLoraConfig(target_modules=["lin"], init_r=2, total_step=5),
         "vera": VeraConfig(target_modules=["lin"], r=2),
     }.items():
-        adapter = _make_adapter(_load_zoo(base_dir), config, tmp_path / name)
+        adapter = _make_adapter(load_module(Zoo(), base_dir), config, tmp_path / name)
         assert main(["inspect", str(adapter), "--json"]) == 0
         text = capsys.readouterr().out
         assert f'"kind": "{name}"' in text
@@ -462,7 +432,7 @@ def test_torch_ops_match_numpy_block_by_block(case, tmp_path):
     from lorafuse.formats import read_adapter
 
     base_dir = _save_zoo(tmp_path / "base")
-    adapter = _make_adapter(_load_zoo(base_dir), TORCH_CASES[case], tmp_path / "adapter")
+    adapter = _make_adapter(load_module(Zoo(), base_dir), TORCH_CASES[case], tmp_path / "adapter")
     base = load_file(base_dir / "model.safetensors")
     # every edit oriented first, as the plan does (VeRA's regenerated projections need every layer's size)
     present = [t for t in read_adapter(adapter).edits if t.target in base]  # not a bias a layer does not have
@@ -487,9 +457,9 @@ def test_runtime_applies_ia3_as_peft_merges_it(tmp_path):
 
     base_dir = _save_zoo(tmp_path / "base")
     config = IA3Config(target_modules=IA3_ALL, feedforward_modules=["ff", "gconv"])
-    adapter = _make_adapter(_load_zoo(base_dir), config, tmp_path / "adapter")
-    live = _load_zoo(base_dir)
+    adapter = _make_adapter(load_module(Zoo(), base_dir), config, tmp_path / "adapter")
+    live = load_module(Zoo(), base_dir)
     apply_adapter(live, adapter)
-    expected = _peft_merged(_load_zoo(base_dir), [adapter])
+    expected = peft_merged_in_turn(load_module(Zoo(), base_dir), [adapter])
     for name, value in live.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=ATOL, atol=ATOL, msg=name)

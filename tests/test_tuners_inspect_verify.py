@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import read_tensors
+from helpers import load_model, read_tensors
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from tuner_helpers import nudge_trainable, tiny_qwen3
 
 import lorafuse.verify_outputs
 from lorafuse.cli import main
@@ -61,31 +61,7 @@ def test_every_native_tuner_is_covered():
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory) -> Path:
-    config = AutoConfig.for_model(
-        "qwen3",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-        attention_bias=True,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape))  # biases start at zero: IA3 would scale zeros
-    folder = tmp_path_factory.mktemp("qwen3") / "qwen3"
-    model.save_pretrained(folder)
-    return folder
-
-
-def _load(folder: Path):
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return tiny_qwen3(tmp_path_factory.mktemp("qwen3") / "qwen3", attention_bias=True)
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +74,10 @@ def adapters(qwen3, tmp_path_factory):
         if case not in made:
             peft_type, kwargs = CASES[case]
             torch.manual_seed(0)
-            model = get_peft_model(_load(qwen3), PeftConfig.from_peft_type(peft_type=peft_type, **kwargs))
-            gen = torch.Generator().manual_seed(1)
-            with torch.no_grad():
-                for param in model.parameters():
-                    if param.requires_grad and param.is_floating_point():
-                        param.add_(0.2 * torch.randn(param.shape, generator=gen))
+            model = get_peft_model(load_model(qwen3), PeftConfig.from_peft_type(peft_type=peft_type, **kwargs))
+            nudge_trainable(model, 0.2, seed=1)
             model.save_pretrained(root / case)
-            merged = PeftModel.from_pretrained(_load(qwen3), root / case).merge_and_unload()
+            merged = PeftModel.from_pretrained(load_model(qwen3), root / case).merge_and_unload()
             made[case] = (root / case, {k: v.detach().clone() for k, v in merged.state_dict().items()})
         return made[case]
 

@@ -17,6 +17,7 @@ from helpers import input_ids
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tuner_helpers import load_module, peft_merged_in_turn, save_module
 
 import lorafuse
 from lorafuse.cli import main
@@ -49,15 +50,7 @@ ZOO_MODULES = ["lin", "square", "odd", "conv1", "point1", "conv2", "point2", "gr
 def _save_zoo(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     zoo = LayerZoo()
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in zoo.state_dict().items()}, folder / "model.safetensors")
-    return folder
-
-
-def _load_zoo(folder: Path) -> LayerZoo:
-    zoo = LayerZoo()
-    zoo.load_state_dict(load_file(folder / "model.safetensors"))
-    return zoo.eval()
+    return save_module(zoo, folder)
 
 
 def _randomize_all(model: nn.Module, seed: int) -> None:
@@ -77,21 +70,6 @@ def _make_adapter(base: nn.Module, config, out: Path, seed: int = 1) -> Path:
     _randomize_all(model, seed)
     model.save_pretrained(out)
     return out
-
-
-def _peft_merged(base: nn.Module, adapters: list[Path], weights: list[float] | None = None) -> dict[str, torch.Tensor]:
-    """PEFT's merge of the adapters in order, each scaled by its weight (the ``scaling`` every tuner layer keeps):
-    PEFT cannot hold adapters of different tuner types at once, so each is merged into the model before the next
-    is loaded."""
-    model = base
-    for path, weight in zip(adapters, weights or [1.0] * len(adapters)):
-        peft_model = PeftModel.from_pretrained(model, path)
-        for layer in peft_model.modules():
-            scaling = getattr(layer, "scaling", None)
-            if isinstance(scaling, dict) and "default" in scaling:
-                scaling["default"] *= weight
-        model = peft_model.merge_and_unload()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _assert_same(merged_dir: Path, expected: dict[str, torch.Tensor], changed: list[str]) -> None:
@@ -156,11 +134,11 @@ def _forms(adapter: Path) -> set[str]:
 @pytest.mark.parametrize("case", list(ZOO_CASES))
 def test_zoo_matches_peft(case, tmp_path):
     base_dir = _save_zoo(tmp_path / "base")
-    adapter = _make_adapter(_load_zoo(base_dir), ZOO_CASES[case], tmp_path / "adapter")
+    adapter = _make_adapter(load_module(LayerZoo(), base_dir), ZOO_CASES[case], tmp_path / "adapter")
     out = tmp_path / "merged"
     report = lorafuse.merge(base_dir, [adapter], out, dtype="fp32")
     assert report.warnings == []
-    expected = _peft_merged(_load_zoo(base_dir), [adapter])
+    expected = peft_merged_in_turn(load_module(LayerZoo(), base_dir), [adapter])
     _assert_same(out, expected, _moved(base_dir, expected))
 
 
@@ -170,7 +148,7 @@ def test_zoo_cases_reach_every_form(tmp_path):
     seen: set[str] = set()
     for i, (case, config) in enumerate(ZOO_CASES.items()):
         base_dir = _save_zoo(tmp_path / f"base{i}")
-        seen |= _forms(_make_adapter(_load_zoo(base_dir), config, tmp_path / case))
+        seen |= _forms(_make_adapter(load_module(LayerZoo(), base_dir), config, tmp_path / case))
     wanted = {"hada_w1_a", "hada_t1", "lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a", "lokr_t2"}
     assert wanted <= seen
 
@@ -178,10 +156,10 @@ def test_zoo_cases_reach_every_form(tmp_path):
 def test_weight_half_through_cli(tmp_path):
     base_dir = _save_zoo(tmp_path / "base")
     config = LoKrConfig(target_modules=ZOO_MODULES, r=2, alpha=4, decompose_both=True, use_effective_conv2d=True)
-    adapter = _make_adapter(_load_zoo(base_dir), config, tmp_path / "adapter")
+    adapter = _make_adapter(load_module(LayerZoo(), base_dir), config, tmp_path / "adapter")
     out = tmp_path / "merged"
     assert main(["merge", str(base_dir), str(adapter), "-o", str(out), "--dtype", "fp32", "--weight", "0.5"]) == 0
-    expected = _peft_merged(_load_zoo(base_dir), [adapter], [0.5])
+    expected = peft_merged_in_turn(load_module(LayerZoo(), base_dir), [adapter], [0.5])
     _assert_same(out, expected, _moved(base_dir, expected))
 
 
@@ -207,12 +185,12 @@ def test_weight_half_through_cli(tmp_path):
 def test_two_tuner_types_in_sequence(configs, tmp_path):
     base_dir = _save_zoo(tmp_path / "base")
     adapters = [
-        _make_adapter(_load_zoo(base_dir), config, tmp_path / f"adapter{i}", seed=i + 1)
+        _make_adapter(load_module(LayerZoo(), base_dir), config, tmp_path / f"adapter{i}", seed=i + 1)
         for i, config in enumerate(configs)
     ]
     out = tmp_path / "merged"
     lorafuse.merge(base_dir, adapters, out, dtype="fp32", weights=[1.0, 0.7])
-    expected = _peft_merged(_load_zoo(base_dir), adapters, [1.0, 0.7])
+    expected = peft_merged_in_turn(load_module(LayerZoo(), base_dir), adapters, [1.0, 0.7])
     _assert_same(out, expected, _moved(base_dir, expected))
 
 
@@ -273,7 +251,9 @@ def test_lokr_rank_disagreeing_with_config_is_refused(tmp_path):
     """A factor saved whole carries no rank: a config whose r could not have saved it whole is refused, never
     used for alpha/r."""
     base_dir = _save_zoo(tmp_path / "base")
-    adapter = _make_adapter(_load_zoo(base_dir), LoKrConfig(target_modules=["lin"], r=8, alpha=4), tmp_path / "adapter")
+    adapter = _make_adapter(
+        load_module(LayerZoo(), base_dir), LoKrConfig(target_modules=["lin"], r=8, alpha=4), tmp_path / "adapter"
+    )
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["r"] = 1
     (adapter / "adapter_config.json").write_text(json.dumps(config))
@@ -283,7 +263,9 @@ def test_lokr_rank_disagreeing_with_config_is_refused(tmp_path):
 
 def test_loha_rank_disagreeing_with_config_is_refused(tmp_path):
     base_dir = _save_zoo(tmp_path / "base")
-    adapter = _make_adapter(_load_zoo(base_dir), LoHaConfig(target_modules=["lin"], r=4, alpha=4), tmp_path / "adapter")
+    adapter = _make_adapter(
+        load_module(LayerZoo(), base_dir), LoHaConfig(target_modules=["lin"], r=4, alpha=4), tmp_path / "adapter"
+    )
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["rank_pattern"] = {"lin": 3}
     (adapter / "adapter_config.json").write_text(json.dumps(config))
@@ -300,9 +282,9 @@ def test_row_blocks_straddling_kron_rows(case, block_bytes, tmp_path, monkeypatc
 
     monkeypatch.setattr(kernel, "ROW_BLOCK_BYTES", block_bytes)
     base_dir = _save_zoo(tmp_path / "base")
-    adapter = _make_adapter(_load_zoo(base_dir), ZOO_CASES[case], tmp_path / "adapter")
+    adapter = _make_adapter(load_module(LayerZoo(), base_dir), ZOO_CASES[case], tmp_path / "adapter")
     lorafuse.merge(base_dir, [adapter], tmp_path / "merged", dtype="fp32")
-    expected = _peft_merged(_load_zoo(base_dir), [adapter])
+    expected = peft_merged_in_turn(load_module(LayerZoo(), base_dir), [adapter])
     _assert_same(tmp_path / "merged", expected, _moved(base_dir, expected))
 
 
@@ -315,7 +297,7 @@ def test_torch_ops_match_numpy_block_by_block(case, tmp_path):
     from lorafuse.formats import read_adapter
 
     base_dir = _save_zoo(tmp_path / "base")
-    adapter = _make_adapter(_load_zoo(base_dir), ZOO_CASES[case], tmp_path / "adapter")
+    adapter = _make_adapter(load_module(LayerZoo(), base_dir), ZOO_CASES[case], tmp_path / "adapter")
     base = load_file(base_dir / "model.safetensors")
     for targeted in read_adapter(adapter).edits:
         weight = base[targeted.target].reshape(base[targeted.target].shape[0], -1)
@@ -354,12 +336,12 @@ def test_inspect_norms_are_peft_updates(tmp_path, capsys):
     """inspect names the tuner, and its ||dW||_F per module is the norm of PEFT's merged change."""
     base_dir = _save_zoo(tmp_path / "base")
     for case in ("loha-effective-conv", "loha-linear-conv", "lokr-effective-conv", "lokr-full-w2"):
-        adapter = _make_adapter(_load_zoo(base_dir), ZOO_CASES[case], tmp_path / case)
+        adapter = _make_adapter(load_module(LayerZoo(), base_dir), ZOO_CASES[case], tmp_path / case)
         assert main(["inspect", str(adapter), "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
         tuner = "LOHA" if case.startswith("loha") else "LOKR"
         assert report["tuner"] == tuner
-        expected = _peft_merged(_load_zoo(base_dir), [adapter])
+        expected = peft_merged_in_turn(load_module(LayerZoo(), base_dir), [adapter])
         base = load_file(base_dir / "model.safetensors")
         rows = {row["target"]: row for row in report["modules"]}
         assert set(rows) == {f"{m}.weight" for m in ZOO_MODULES}
@@ -382,7 +364,7 @@ def test_untrained_adapter_warns_it_changes_nothing(config, tmp_path):
     """PEFT's own initialisation leaves one factor at zero: the merge says so, and the base comes back."""
     base_dir = _save_zoo(tmp_path / "base")
     torch.manual_seed(0)
-    get_peft_model(_load_zoo(base_dir), config).save_pretrained(tmp_path / "adapter")
+    get_peft_model(load_module(LayerZoo(), base_dir), config).save_pretrained(tmp_path / "adapter")
     report = lorafuse.merge(base_dir, [tmp_path / "adapter"], tmp_path / "merged", dtype="fp32")
     assert any("changes nothing" in w for w in report.warnings)
     merged, base = load_file(tmp_path / "merged" / "model.safetensors"), load_file(base_dir / "model.safetensors")
@@ -400,7 +382,7 @@ def _edit_adapter(adapter: Path, drop: str | None = None, add: dict[str, torch.T
 
 def _zoo_adapter(tmp_path: Path, config) -> tuple[Path, Path]:
     base_dir = _save_zoo(tmp_path / "base")
-    return base_dir, _make_adapter(_load_zoo(base_dir), config, tmp_path / "adapter")
+    return base_dir, _make_adapter(load_module(LayerZoo(), base_dir), config, tmp_path / "adapter")
 
 
 @pytest.mark.parametrize(
@@ -534,12 +516,12 @@ def test_bf16_base_is_rounded_once(tmp_path):
     bf16 = {k: v.to(torch.bfloat16) for k, v in load_file(base_dir / "model.safetensors").items()}
     save_file(bf16, bf16_dir / "model.safetensors")
     adapters = [
-        _make_adapter(_load_zoo(bf16_dir), ZOO_CASES["loha-effective-conv"], tmp_path / "loha"),
-        _make_adapter(_load_zoo(bf16_dir), ZOO_CASES["lokr-full-w2"], tmp_path / "lokr", seed=2),
+        _make_adapter(load_module(LayerZoo(), bf16_dir), ZOO_CASES["loha-effective-conv"], tmp_path / "loha"),
+        _make_adapter(load_module(LayerZoo(), bf16_dir), ZOO_CASES["lokr-full-w2"], tmp_path / "lokr", seed=2),
     ]
     lorafuse.merge(bf16_dir, adapters, tmp_path / "merged")
     got = load_file(tmp_path / "merged" / "model.safetensors")
-    expected = _peft_merged(_load_zoo(bf16_dir), adapters)  # fp32 weights holding the bf16 values
+    expected = peft_merged_in_turn(load_module(LayerZoo(), bf16_dir), adapters)  # fp32 weights holding the bf16 values
     for name, value in expected.items():
         assert got[name].dtype == torch.bfloat16
         torch.testing.assert_close(got[name], value.to(torch.bfloat16), msg=name)  # bf16's tolerance: 1 rounding

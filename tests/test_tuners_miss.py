@@ -14,7 +14,7 @@ import pytest
 import test_tuners_oft_boft_hra as oft_tests
 import torch
 from peft import LoraConfig, MissConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from test_tuners_oft_boft_hra import (
     QWEN3_ALL,
     _assert_tensors_match,
@@ -22,13 +22,13 @@ from test_tuners_oft_boft_hra import (
     _edit_config,
     _logits,
     _make_adapter,
-    _peft_merged,
     _qwen3_model,
     _randomize_adapter,
     _rows_in_blocks,
     _save_net,
 )
 from torch import nn
+from tuner_helpers import load_module, peft_merged_in_turn
 
 import lorafuse
 from lorafuse.cli import main
@@ -52,12 +52,6 @@ class LinearNet(nn.Module):
         self.c = nn.Linear(12, 12)
 
 
-def _net(folder: Path) -> LinearNet:
-    net = LinearNet()
-    net.load_state_dict(load_file(folder / "model.safetensors"))
-    return net.eval()
-
-
 @pytest.fixture(scope="module")
 def linear_net(tmp_path_factory) -> Path:
     return _save_net(LinearNet(), tmp_path_factory.mktemp("models") / "linear")
@@ -73,11 +67,13 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_miss_matches_peft(case, linear_net, tmp_path):
-    adapter = _make_adapter(_net(linear_net), MissConfig(target_modules=["a", "b", "c"], **CASES[case]), tmp_path / "m")
+    adapter = _make_adapter(
+        load_module(LinearNet(), linear_net), MissConfig(target_modules=["a", "b", "c"], **CASES[case]), tmp_path / "m"
+    )
     out = tmp_path / "merged"
     report = lorafuse.merge(linear_net, [adapter], out, dtype="fp32")
     assert report.warnings == []
-    _assert_tensors_match(out, _peft_merged(_net(linear_net), [adapter]))
+    _assert_tensors_match(out, peft_merged_in_turn(load_module(LinearNet(), linear_net), [adapter]))
     assert _changed(linear_net, out) == {"a.weight", "b.weight", "c.weight"}
 
 
@@ -94,7 +90,7 @@ def test_qwen3_through_the_cli_with_a_strength(init, qwen3, tmp_path):
     # a strength interpolates between the base and PEFT's merge
     half = tmp_path / "half"
     lorafuse.merge(qwen3, [adapter], half, weights=[0.5], dtype="fp32")
-    base, full = _peft_merged(_qwen3_model(qwen3), []), {k: v.detach() for k, v in expected.state_dict().items()}
+    base, full = peft_merged_in_turn(_qwen3_model(qwen3), []), {k: v.detach() for k, v in expected.state_dict().items()}
     _assert_tensors_match(half, {k: base[k] + 0.5 * (full[k] - base[k]) for k in base})
 
 
@@ -112,7 +108,7 @@ def test_lora_then_miss_and_the_runtime_match_peft(qwen3, tmp_path):
     )
     out = tmp_path / "merged"
     lorafuse.merge(qwen3, [lora, miss], out, dtype="fp32")
-    _assert_tensors_match(out, _peft_merged(_qwen3_model(qwen3), [lora, miss]))
+    _assert_tensors_match(out, peft_merged_in_turn(_qwen3_model(qwen3), [lora, miss]))
     model = _qwen3_model(qwen3)
     apply_adapter(model, miss)
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
@@ -122,9 +118,9 @@ def test_lora_then_miss_and_the_runtime_match_peft(qwen3, tmp_path):
 
 def test_inspect_reports_the_layout_and_untrained_blocks(linear_net, tmp_path):
     adapter = tmp_path / "miss"
-    get_peft_model(_net(linear_net), MissConfig(target_modules=["a", "c"], r=4, init_weights="bat")).save_pretrained(
-        adapter
-    )  # PEFT's "bat" init: zeros, no effect
+    get_peft_model(
+        load_module(LinearNet(), linear_net), MissConfig(target_modules=["a", "c"], r=4, init_weights="bat")
+    ).save_pretrained(adapter)  # PEFT's "bat" init: zeros, no effect
     report = inspect_adapter(adapter)
     assert '"layout": "bat"' in json.dumps(report)
     assert sorted(report["zero_effect"]) == ["a.weight", "c.weight"]
@@ -139,14 +135,18 @@ def test_inspect_reports_the_layout_and_untrained_blocks(linear_net, tmp_path):
     ],
 )
 def test_bad_configs_are_refused(changes, error, message, linear_net, tmp_path):
-    adapter = _make_adapter(_net(linear_net), MissConfig(target_modules=["a"], r=4, init_weights=False), tmp_path / "m")
+    adapter = _make_adapter(
+        load_module(LinearNet(), linear_net), MissConfig(target_modules=["a"], r=4, init_weights=False), tmp_path / "m"
+    )
     _edit_config(adapter, **changes)
     with pytest.raises(error, match=message):
         lorafuse.merge(linear_net, [adapter], tmp_path / "out")
 
 
 def test_a_bat_block_that_does_not_divide_the_layer_is_a_shape_error(linear_net, tmp_path):
-    adapter = _make_adapter(_net(linear_net), MissConfig(target_modules=["a"], r=4, init_weights="bat"), tmp_path / "m")
+    adapter = _make_adapter(
+        load_module(LinearNet(), linear_net), MissConfig(target_modules=["a"], r=4, init_weights="bat"), tmp_path / "m"
+    )
     path = adapter / "adapter_model.safetensors"
     save_file({"base_model.model.a.miss_block": torch.randn(4, 3, 3)}, path)  # r=3 does not divide 16 inputs
     with pytest.raises(ShapeMismatchError, match="bat blocks of 3 do not divide the base tensor's 16 inputs"):

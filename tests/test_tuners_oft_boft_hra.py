@@ -19,6 +19,7 @@ from peft import BOFTConfig, HRAConfig, LoraConfig, OFTConfig, PeftModel, get_pe
 from peft.tuners.oft.layer import OFTRotationModule
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tuner_helpers import load_module, peft_merged_in_turn, save_module
 
 import lorafuse
 from lorafuse.cli import main
@@ -67,19 +68,11 @@ class ButterflyNet(nn.Module):
 
 
 def _save_net(net: nn.Module, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in net.parameters():
             param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, folder / "model.safetensors")
-    return folder
-
-
-def _load_net(cls, folder: Path) -> nn.Module:
-    net = cls()
-    net.load_state_dict(load_file(folder / "model.safetensors"))
-    return net.eval()
+    return save_module(net, folder)
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +136,6 @@ def _make_adapter(model: nn.Module, config, folder: Path, seed: int = 1) -> Path
     return folder
 
 
-def _peft_merged(model: nn.Module, adapters: list[Path]) -> dict[str, torch.Tensor]:
-    """PEFT's merge_and_unload of each adapter in turn (different tuner types cannot share one PeftModel)."""
-    for adapter in adapters:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return {k: v.detach() for k, v in model.state_dict().items()}
-
-
 def _assert_tensors_match(out: Path, expected: dict[str, torch.Tensor]) -> float:
     """Every expected tensor matches the merged one; returns the largest difference."""
     merged = read_tensors(out)
@@ -182,11 +168,11 @@ OFT_CASES = {
 def test_oft_matches_peft_on_linear_conv_and_embedding(case, tiny_net, tmp_path):
     targets = ["emb", "lin", "proj", "conv", "point"]
     config = OFTConfig(target_modules=targets, init_weights=False, **OFT_CASES[case])
-    adapter = _make_adapter(_load_net(TinyNet, tiny_net), config, tmp_path / "oft")
+    adapter = _make_adapter(load_module(TinyNet(), tiny_net), config, tmp_path / "oft")
     out = tmp_path / "merged"
     report = lorafuse.merge(tiny_net, [adapter], out, dtype="fp32")
     assert report.warnings == []
-    _assert_tensors_match(out, _peft_merged(_load_net(TinyNet, tiny_net), [adapter]))
+    _assert_tensors_match(out, peft_merged_in_turn(load_module(TinyNet(), tiny_net), [adapter]))
     assert _changed(tiny_net, out) == {f"{t}.weight" for t in targets}  # biases untouched, as PEFT leaves them
 
 
@@ -202,10 +188,10 @@ BOFT_CASES = {
 def test_boft_matches_peft_on_linear_and_conv(case, tiny_net, tmp_path):
     targets, kwargs = BOFT_CASES[case]
     config = BOFTConfig(target_modules=targets, init_weights=False, **kwargs)
-    adapter = _make_adapter(_load_net(TinyNet, tiny_net), config, tmp_path / "boft")
+    adapter = _make_adapter(load_module(TinyNet(), tiny_net), config, tmp_path / "boft")
     out = tmp_path / "merged"
     lorafuse.merge(tiny_net, [adapter], out, dtype="fp32")
-    _assert_tensors_match(out, _peft_merged(_load_net(TinyNet, tiny_net), [adapter]))
+    _assert_tensors_match(out, peft_merged_in_turn(load_module(TinyNet(), tiny_net), [adapter]))
     assert _changed(tiny_net, out) == {f"{t}.weight" for t in targets}  # boft_s scales weights, never biases
 
 
@@ -225,11 +211,11 @@ def test_boft_butterfly_factors_match_peft(factors, butterfly_net, tmp_path, mon
     config = BOFTConfig(
         target_modules=["lin", "conv"], boft_block_size=2, boft_n_butterfly_factor=factors, init_weights=False
     )
-    adapter = _make_adapter(_load_net(ButterflyNet, butterfly_net), config, tmp_path / "boft")
+    adapter = _make_adapter(load_module(ButterflyNet(), butterfly_net), config, tmp_path / "boft")
     assert load_file(adapter / "adapter_model.safetensors")["base_model.model.lin.boft_R"].shape[0] == factors
     out = tmp_path / "merged"
     lorafuse.merge(butterfly_net, [adapter], out, dtype="fp32")
-    _assert_tensors_match(out, _peft_merged(_load_net(ButterflyNet, butterfly_net), [adapter]))
+    _assert_tensors_match(out, peft_merged_in_turn(load_module(ButterflyNet(), butterfly_net), [adapter]))
 
 
 @pytest.mark.parametrize("n, blocks, half", [(16, 8, 1), (16, 4, 1), (36, 6, 3), (48, 4, 3), (64, 2, 4)])
@@ -248,10 +234,10 @@ def test_butterfly_order_is_peft_s_permutation(n, blocks, half):
 def test_hra_matches_peft_on_linear_and_conv(gs, rank, tiny_net, tmp_path):
     targets = ["lin", "proj", "conv", "point"]
     config = HRAConfig(target_modules=targets, r=rank, apply_GS=gs, init_weights=False)
-    adapter = _make_adapter(_load_net(TinyNet, tiny_net), config, tmp_path / "hra")
+    adapter = _make_adapter(load_module(TinyNet(), tiny_net), config, tmp_path / "hra")
     out = tmp_path / "merged"
     lorafuse.merge(tiny_net, [adapter], out, dtype="fp32")
-    _assert_tensors_match(out, _peft_merged(_load_net(TinyNet, tiny_net), [adapter]))
+    _assert_tensors_match(out, peft_merged_in_turn(load_module(TinyNet(), tiny_net), [adapter]))
     assert _changed(tiny_net, out) == {f"{t}.weight" for t in targets}
 
 
@@ -306,11 +292,11 @@ def test_merge_verify_and_the_runtime_agree_with_peft(tuner, qwen3, tmp_path, ca
 def test_trained_biases_are_saved_and_merged(tiny_net, tmp_path):
     """bias="oft_only": PEFT saves the targeted layers' trained biases; they replace the base ones."""
     config = OFTConfig(target_modules=["lin", "conv"], oft_block_size=4, bias="oft_only", init_weights=False)
-    adapter = _make_adapter(_load_net(TinyNet, tiny_net), config, tmp_path / "oft")
+    adapter = _make_adapter(load_module(TinyNet(), tiny_net), config, tmp_path / "oft")
     assert "base_model.model.lin.base_layer.bias" in load_file(adapter / "adapter_model.safetensors")
     out = tmp_path / "merged"
     lorafuse.merge(tiny_net, [adapter], out, dtype="fp32")
-    _assert_tensors_match(out, _peft_merged(_load_net(TinyNet, tiny_net), [adapter]))
+    _assert_tensors_match(out, peft_merged_in_turn(load_module(TinyNet(), tiny_net), [adapter]))
     assert _changed(tiny_net, out) == {"lin.weight", "lin.bias", "conv.weight", "conv.bias"}
 
 
@@ -333,13 +319,13 @@ def test_lora_then_oft_then_hra_in_sequence_match_peft(qwen3, tmp_path):
     )
     out = tmp_path / "merged"
     lorafuse.merge(qwen3, [lora, oft, hra], out, dtype="fp32")
-    _assert_tensors_match(out, _peft_merged(_qwen3_model(qwen3), [lora, oft, hra]))
+    _assert_tensors_match(out, peft_merged_in_turn(_qwen3_model(qwen3), [lora, oft, hra]))
     # the order matters (a rotation does not commute with an update): the other order is another model
     other = tmp_path / "other"
     lorafuse.merge(qwen3, [oft, lora], other, dtype="fp32")
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(read_tensors(other)[q], read_tensors(out)[q], atol=1e-4)
-    _assert_tensors_match(other, _peft_merged(_qwen3_model(qwen3), [oft, lora]))
+    _assert_tensors_match(other, peft_merged_in_turn(_qwen3_model(qwen3), [oft, lora]))
 
 
 def test_oft_on_a_tied_embedding_gives_the_trained_model(tmp_path):
@@ -370,7 +356,7 @@ def test_strength_interpolates_between_base_and_peft_merge(tuner, qwen3, tmp_pat
     out = tmp_path / "merged"
     lorafuse.merge(qwen3, [adapter], out, weights=[0.25], dtype="fp32")
     base = read_tensors(qwen3)
-    full = _peft_merged(_qwen3_model(qwen3), [adapter])
+    full = peft_merged_in_turn(_qwen3_model(qwen3), [adapter])
     expected = {k: base[k] + 0.25 * (full[k] - base[k]) for k in base}
     _assert_tensors_match(out, expected)
 
@@ -385,7 +371,7 @@ def test_bf16_base_is_rounded_once_from_fp32(qwen3, tmp_path):
     out = tmp_path / "merged"
     lorafuse.merge(bf16, [adapter], out)
     merged = read_tensors(out)
-    expected = _peft_merged(_qwen3_model(bf16), [adapter])
+    expected = peft_merged_in_turn(_qwen3_model(bf16), [adapter])
     for key, value in expected.items():
         got = merged[key]
         assert got.dtype == torch.bfloat16
@@ -508,7 +494,7 @@ def test_inspect_names_the_tuner_and_finds_untrained_adapters(tiny_net, tmp_path
         (HRAConfig(target_modules=["lin", "conv"], r=4), "hra"),
     ]:
         folder = tmp_path / kind
-        get_peft_model(_load_net(TinyNet, tiny_net), config).save_pretrained(folder)  # PEFT's identity init
+        get_peft_model(load_module(TinyNet(), tiny_net), config).save_pretrained(folder)  # PEFT's identity init
         report = inspect_adapter(folder)
         text = json.dumps(report)
         assert f'"kind": "{kind}"' in text
@@ -516,7 +502,7 @@ def test_inspect_names_the_tuner_and_finds_untrained_adapters(tiny_net, tmp_path
         out = tmp_path / f"{kind}-merged"
         merged = lorafuse.merge(tiny_net, [folder], out, dtype="fp32")
         assert merged.warnings  # an adapter that changes nothing is reported
-        _assert_tensors_match(out, _peft_merged(_load_net(TinyNet, tiny_net), [folder]))
+        _assert_tensors_match(out, peft_merged_in_turn(load_module(TinyNet(), tiny_net), [folder]))
 
 
 # --- refusals ----------------------------------------------------------------------------------------------------
@@ -536,7 +522,7 @@ def _edit_config(adapter: Path, **changes) -> None:
 @pytest.fixture
 def oft_adapter(tiny_net, tmp_path) -> Path:
     config = OFTConfig(target_modules=["lin", "conv"], oft_block_size=4, init_weights=False)
-    return _make_adapter(_load_net(TinyNet, tiny_net), config, tmp_path / "oft")
+    return _make_adapter(load_module(TinyNet(), tiny_net), config, tmp_path / "oft")
 
 
 @pytest.mark.parametrize(
@@ -567,7 +553,7 @@ def test_exact_cayley_needs_no_peft_version(oft_adapter, tiny_net, tmp_path):
     """Only the Cayley-Neumann series changed between PEFT versions; the exact transform did not."""
     _edit_config(oft_adapter, peft_version=None, use_cayley_neumann=False)
     lorafuse.merge(tiny_net, [oft_adapter], tmp_path / "out", dtype="fp32")
-    _assert_tensors_match(tmp_path / "out", _peft_merged(_load_net(TinyNet, tiny_net), [oft_adapter]))
+    _assert_tensors_match(tmp_path / "out", peft_merged_in_turn(load_module(TinyNet(), tiny_net), [oft_adapter]))
 
 
 def test_old_oft_tensors_are_refused(oft_adapter, tiny_net, tmp_path):
@@ -586,7 +572,7 @@ def test_wrong_base_is_a_shape_error(oft_adapter, butterfly_net, tmp_path):
 
 
 def test_hra_rank_must_match_the_config_and_vectors_must_not_vanish(tiny_net, tmp_path):
-    adapter = _make_adapter(_load_net(TinyNet, tiny_net), HRAConfig(target_modules=["lin"], r=2), tmp_path / "h")
+    adapter = _make_adapter(load_module(TinyNet(), tiny_net), HRAConfig(target_modules=["lin"], r=2), tmp_path / "h")
     _edit_config(adapter, r=3)
     with pytest.raises(AdapterError, match="holds 2 vectors but r is 3"):
         lorafuse.merge(tiny_net, [adapter], tmp_path / "out")

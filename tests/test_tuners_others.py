@@ -5,18 +5,18 @@ registry.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import VOCAB, read_tensors
+from helpers import load_model, read_tensors
 from peft import PeftConfig, get_peft_model
 from peft.utils import PeftType
 from safetensors.torch import save_file
 from torch import nn
+from tuner_helpers import save_module, tiny_lm, train_and_save
 
 from lorafuse.cli import main
 from lorafuse.tuners import registered_tuners, tuner_of
@@ -24,54 +24,6 @@ from lorafuse.tuners.refused import REFUSED
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "tuners.md"
-
-
-def _tiny_lm(root: Path, model_type: str) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    if model_type == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=32))
-    else:
-        config = AutoConfig.for_model(
-            model_type,
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            max_position_embeddings=32,
-            tie_word_embeddings=False,
-        )
-        model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    folder = root / model_type
-    model.save_pretrained(folder)
-    return folder
-
-
-def _load(folder: Path) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-
-
-def _train_and_save(base: nn.Module, config: PeftConfig, out: Path) -> dict[str, torch.Tensor]:
-    """Save an adapter whose every trainable tensor is moved off PEFT's initialisation; PEFT's merge as oracle."""
-    torch.manual_seed(0)
-    model = get_peft_model(copy.deepcopy(base), config)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad and param.is_floating_point():
-                param.add_(0.2 * torch.randn(param.shape, generator=gen))
-    model.save_pretrained(out)
-    with torch.no_grad():
-        return {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
 
 
 def _merge(base: Path, adapter: Path, out: Path, *extra: str) -> dict[str, torch.Tensor]:
@@ -107,8 +59,10 @@ NATIVE_CASES = {
 def test_native_parity(tmp_path: Path, case: str) -> None:
     """Each natively merged tuner gives PEFT's merge_and_unload() of the trained model, through the CLI."""
     peft_type, model_type, kwargs = NATIVE_CASES[case]
-    folder = _tiny_lm(tmp_path, model_type)
-    oracle = _train_and_save(_load(folder), PeftConfig.from_peft_type(peft_type=peft_type, **kwargs), tmp_path / "a")
+    folder = tiny_lm(tmp_path, model_type)
+    oracle = train_and_save(
+        load_model(folder), PeftConfig.from_peft_type(peft_type=peft_type, **kwargs), tmp_path / "a"
+    )
     assert tuner_of(peft_type).how == "native"
     changed = _assert_parity(_merge(folder, tmp_path / "a", tmp_path / "out"), oracle, read_tensors(folder))
     if peft_type == "LN_TUNING":  # RMSNorm: a weight only; every targeted norm replaced
@@ -119,9 +73,9 @@ def test_fourierft_needs_torch_for_its_positions(tmp_path: Path, monkeypatch: py
     """FourierFT's frequency positions come from torch's generator: without torch, one line naming the extra."""
     import builtins
 
-    folder = _tiny_lm(tmp_path, "qwen3")
+    folder = tiny_lm(tmp_path, "qwen3")
     config = PeftConfig.from_peft_type(peft_type="FOURIERFT", target_modules=["q_proj"], n_frequency=10)
-    _train_and_save(_load(folder), config, tmp_path / "a")
+    train_and_save(load_model(folder), config, tmp_path / "a")
     real_import = builtins.__import__
 
     def no_torch(name, *args, **kwargs):
@@ -141,11 +95,9 @@ def test_fourierft_on_a_layer_of_unknown_type_is_refused(tmp_path: Path, capsys)
     is refused with the fix, and --conv1d-modules none settles it."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(12, 20))
-    folder = tmp_path / "net"
-    folder.mkdir()
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, folder / "model.safetensors")
+    folder = save_module(net, tmp_path / "net")
     config = PeftConfig.from_peft_type(peft_type="FOURIERFT", target_modules=["0"], n_frequency=30, scaling=2.0)
-    oracle = _train_and_save(net, config, tmp_path / "a")
+    oracle = train_and_save(net, config, tmp_path / "a")
     capsys.readouterr()
     assert main(["merge", str(folder), str(tmp_path / "a"), "-o", str(tmp_path / "refused")]) == 1
     err = capsys.readouterr().err
@@ -158,8 +110,8 @@ def test_prompt_tuning_adapter_is_refused(tmp_path: Path, capsys) -> None:
     """A real PEFT prompt-tuning adapter: refused with one line naming the tuner and why."""
     from peft import PromptTuningConfig
 
-    folder = _tiny_lm(tmp_path, "qwen3")
-    model = get_peft_model(_load(folder), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    folder = tiny_lm(tmp_path, "qwen3")
+    model = get_peft_model(load_model(folder), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     model.save_pretrained(tmp_path / "a")
     capsys.readouterr()
     assert main(["merge", str(folder), str(tmp_path / "a"), "-o", str(tmp_path / "out")]) == 1
@@ -170,7 +122,7 @@ def test_prompt_tuning_adapter_is_refused(tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize("peft_type", sorted(REFUSED))
 def test_unmergeable_tuner_types_are_refused_by_name(tmp_path: Path, peft_type: str, capsys) -> None:
     """Every registered refusal: exit 1, one line with the tuner's name and the reason, no output."""
-    folder = _tiny_lm(tmp_path, "qwen3")
+    folder = tiny_lm(tmp_path, "qwen3")
     adapter = tmp_path / "a"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type, "target_modules": ["q_proj"]}))
@@ -208,14 +160,14 @@ def test_torch_kernel_computes_what_the_numpy_kernel_computes(tmp_path: Path) ->
     from lorafuse.io.checkpoint import Checkpoint
     from lorafuse.plan import build_plan
 
-    folder = _tiny_lm(tmp_path, "qwen2")
+    folder = tiny_lm(tmp_path, "qwen2")
     configs = {
         "fourierft": dict(peft_type="FOURIERFT", target_modules=["q_proj"], n_frequency=30),
         "shira": dict(peft_type="SHIRA", target_modules=["k_proj"], r=2),
         "road": dict(peft_type="ROAD", target_modules=["v_proj"], group_size=8),
     }
     for name, kwargs in configs.items():
-        _train_and_save(_load(folder), PeftConfig.from_peft_type(**kwargs), tmp_path / name)
+        train_and_save(load_model(folder), PeftConfig.from_peft_type(**kwargs), tmp_path / name)
     base = Checkpoint(sorted(folder.glob("*.safetensors")))
     adapters = [read_adapter(tmp_path / name) for name in configs]
     config = json.loads((folder / "config.json").read_text())

@@ -6,16 +6,15 @@ torch/peft the error names the extra.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import VOCAB, read_tensors
-from peft import PeftConfig, get_peft_model
-from safetensors.torch import save_file
+from helpers import read_tensors
+from peft import PeftConfig
 from torch import nn
+from tuner_helpers import save_module, tiny_lm, train_and_save
 
 import lorafuse.tuners.peft_layer as peft_layer
 from lorafuse.cli import main
@@ -49,53 +48,6 @@ CONFIGS: dict[str, dict] = {
     "TINYLORA": dict(r=4, u=8, weight_tying=1.0),
 }
 BIAS_TUNERS = {"ROAD", "GLORA", "ADAMSS"}  # their merge changes the bias: tested on Qwen2 (biased q/k/v)
-
-
-def _tiny_lm(root: Path, model_type: str) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    if model_type == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=32))
-    else:
-        config = AutoConfig.for_model(
-            model_type,
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            max_position_embeddings=32,
-            tie_word_embeddings=False,
-        )
-        model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    folder = root / model_type
-    model.save_pretrained(folder)
-    return folder
-
-
-def _randomize(model: nn.Module, seed: int = 1) -> None:
-    """Move every trainable adapter tensor off PEFT's initialisation (many start at zero or identity)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _name, param in model.named_parameters():
-            if param.requires_grad and param.is_floating_point():
-                param.add_(0.2 * torch.randn(param.shape, generator=gen))
-
-
-def _train_and_save(base: nn.Module, config: PeftConfig, out: Path) -> dict[str, torch.Tensor]:
-    """Save a randomised adapter of ``config`` on ``base``; PEFT's merge of the same model, as the oracle."""
-    torch.manual_seed(0)
-    model = get_peft_model(copy.deepcopy(base), config)
-    _randomize(model)
-    model.save_pretrained(out)
-    with torch.no_grad():
-        return {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
 
 
 def _merge(base: Path, adapter: Path, out: Path, *extra: str, more: tuple[Path, ...] = ()) -> dict[str, torch.Tensor]:
@@ -135,10 +87,10 @@ def test_linear_parity(tmp_path: Path, peft_type: str) -> None:
     _needs(peft_type)
     from transformers import AutoModelForCausalLM
 
-    folder = _tiny_lm(tmp_path, "qwen2" if peft_type in BIAS_TUNERS else "qwen3")
+    folder = tiny_lm(tmp_path, "qwen2" if peft_type in BIAS_TUNERS else "qwen3")
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     targets = ["q_proj", "v_proj"] if peft_type in BIAS_TUNERS else QWEN_TARGETS
-    oracle = _train_and_save(base, _config(peft_type, targets), tmp_path / "adapter")
+    oracle = train_and_save(base, _config(peft_type, targets), tmp_path / "adapter")
     merged = _merge(folder, tmp_path / "adapter", tmp_path / "out")
     _assert_parity(merged, oracle, read_tensors(folder), 2e-5)
     if peft_type in BIAS_TUNERS:
@@ -154,9 +106,9 @@ def test_gpt2_conv1d_parity(tmp_path: Path, peft_type: str) -> None:
     """GPT-2's Conv1D layers (weights stored (in, out); c_proj square): PEFT's merge, from the base's config."""
     from transformers import GPT2LMHeadModel
 
-    folder = _tiny_lm(tmp_path, "gpt2")
+    folder = tiny_lm(tmp_path, "gpt2")
     base = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32)
-    oracle = _train_and_save(base, _config(peft_type, GPT2_TARGETS), tmp_path / "adapter")
+    oracle = train_and_save(base, _config(peft_type, GPT2_TARGETS), tmp_path / "adapter")
     merged = _merge(folder, tmp_path / "adapter", tmp_path / "out")
     _assert_parity(merged, oracle, read_tensors(folder), 2e-5)
 
@@ -173,19 +125,13 @@ class TinyNet(nn.Module):
         self.fc = nn.Linear(16, 24)
 
 
-def _save_net(net: nn.Module, folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, folder / "model.safetensors")
-    return folder
-
-
 def test_hira_every_layer_kind(tmp_path: Path) -> None:
     """HiRA on Embedding, Conv1d/2d/3d and Linear layers of a base without config.json: the conv shapes and the
     saved embedding tensors establish those layers, --conv1d-modules none the Linear one."""
     torch.manual_seed(0)
     net = TinyNet()
-    folder = _save_net(net, tmp_path / "net")
-    oracle = _train_and_save(net, _config("HIRA", ["embed", "c1", "c2", "c3", "fc"]), tmp_path / "adapter")
+    folder = save_module(net, tmp_path / "net")
+    oracle = train_and_save(net, _config("HIRA", ["embed", "c1", "c2", "c3", "fc"]), tmp_path / "adapter")
     merged = _merge(folder, tmp_path / "adapter", tmp_path / "out", "--conv1d-modules", "none")
     _assert_parity(merged, oracle, read_tensors(folder), 2e-5)
     assert all(not torch.equal(merged[f"{m}.weight"], net.state_dict()[f"{m}.weight"]) for m in ("embed", "c3", "fc"))
@@ -196,8 +142,8 @@ def test_square_layer_of_unknown_type_is_refused(tmp_path: Path, capsys: pytest.
     layer merge differently, so without --conv1d-modules the merge is refused with the fix."""
     torch.manual_seed(0)
     net = TinyNet()
-    folder = _save_net(net, tmp_path / "net")
-    _train_and_save(net, _config("VBLORA", ["fc"]), tmp_path / "adapter")
+    folder = save_module(net, tmp_path / "net")
+    train_and_save(net, _config("VBLORA", ["fc"]), tmp_path / "adapter")
     code = main(["merge", str(folder), str(tmp_path / "adapter"), "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 1 and "Linear or a GPT-2 Conv1D" in err and "--conv1d-modules" in err
@@ -209,12 +155,12 @@ def test_two_tuner_types_in_sequence(tmp_path: Path) -> None:
     first's merged layer, and so does lorafuse."""
     from transformers import AutoModelForCausalLM
 
-    folder = _tiny_lm(tmp_path, "qwen2")
+    folder = tiny_lm(tmp_path, "qwen2")
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    first = _train_and_save(base, _config("ROAD", ["q_proj"]), tmp_path / "road")
+    first = train_and_save(base, _config("ROAD", ["q_proj"]), tmp_path / "road")
     once = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     once.load_state_dict(first)
-    both = _train_and_save(once, _config("C3A", ["q_proj", "k_proj"]), tmp_path / "c3a")
+    both = train_and_save(once, _config("C3A", ["q_proj", "k_proj"]), tmp_path / "c3a")
     merged = _merge(folder, tmp_path / "road", tmp_path / "out", more=(tmp_path / "c3a",))
     _assert_parity(merged, both, read_tensors(folder), 2e-5)
 
@@ -224,10 +170,10 @@ def test_reading_a_tensor_an_earlier_adapter_changed_is_refused(tmp_path: Path, 
     it as stored would be wrong, so the merge is refused with the fix (merge it first, or alone)."""
     from transformers import AutoModelForCausalLM
 
-    folder = _tiny_lm(tmp_path, "qwen2")
+    folder = tiny_lm(tmp_path, "qwen2")
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    _train_and_save(base, _config("ROAD", ["q_proj"]), tmp_path / "road")
-    _train_and_save(base, _config("GLORA", ["q_proj"]), tmp_path / "glora")
+    train_and_save(base, _config("ROAD", ["q_proj"]), tmp_path / "road")
+    train_and_save(base, _config("GLORA", ["q_proj"]), tmp_path / "glora")
     capsys.readouterr()
     code = main(["merge", str(folder), str(tmp_path / "road"), str(tmp_path / "glora"), "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
@@ -239,9 +185,9 @@ def test_strength_moves_part_of_the_way(tmp_path: Path) -> None:
     """--weight 0.5 on a through-PEFT merge: halfway from the base to PEFT's merge, bias included."""
     from transformers import AutoModelForCausalLM
 
-    folder = _tiny_lm(tmp_path, "qwen2")
+    folder = tiny_lm(tmp_path, "qwen2")
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    oracle = _train_and_save(base, _config("ROAD", ["q_proj"]), tmp_path / "adapter")
+    oracle = train_and_save(base, _config("ROAD", ["q_proj"]), tmp_path / "adapter")
     merged = _merge(folder, tmp_path / "adapter", tmp_path / "out", "--weight", "0.5")
     stored = read_tensors(folder)
     for part in ("weight", "bias"):
@@ -255,9 +201,9 @@ def test_missing_extra_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     """Without torch or peft, a through-PEFT merge fails with one line naming the extra and the tuner."""
     from transformers import AutoModelForCausalLM
 
-    folder = _tiny_lm(tmp_path, "qwen3")
+    folder = tiny_lm(tmp_path, "qwen3")
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    _train_and_save(base, _config("C3A", ["q_proj"]), tmp_path / "adapter")
+    train_and_save(base, _config("C3A", ["q_proj"]), tmp_path / "adapter")
     import builtins
 
     real_import = builtins.__import__
@@ -289,12 +235,12 @@ def test_every_through_peft_tuner_is_registered() -> None:
 def _qwen3_adapter(tmp_path: Path, peft_type: str, **overrides) -> Path:
     from transformers import AutoModelForCausalLM
 
-    folder = _tiny_lm(tmp_path, "qwen3")
+    folder = tiny_lm(tmp_path, "qwen3")
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     config = PeftConfig.from_peft_type(
         peft_type=peft_type, target_modules=["q_proj"], **{**CONFIGS[peft_type], **overrides}
     )
-    _train_and_save(base, config, tmp_path / "adapter")
+    train_and_save(base, config, tmp_path / "adapter")
     return folder
 
 
@@ -332,10 +278,10 @@ def test_tinylora_with_a_vector_per_layer_is_refused(tmp_path: Path, capsys) -> 
     model, which a one-module merge cannot tell: refused by name with the fix."""
     from transformers import AutoModelForCausalLM
 
-    folder = _tiny_lm(tmp_path, "qwen3")
+    folder = tiny_lm(tmp_path, "qwen3")
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     config = PeftConfig.from_peft_type(peft_type="TINYLORA", target_modules=QWEN_TARGETS, r=4, u=8, weight_tying=0.0)
-    _train_and_save(base, config, tmp_path / "adapter")
+    train_and_save(base, config, tmp_path / "adapter")
     err = _one_line_error(["merge", str(folder), str(tmp_path / "adapter"), "-o", str(tmp_path / "out")], capsys)
     assert "TINYLORA" in err and "weight_tying=1.0" in err
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import read_tensors
+from helpers import load_model, read_tensors
 from peft import PeftConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM
+from tuner_helpers import nudge_trainable, peft_merged_in_turn, tiny_qwen3
 
 import lorafuse
 from lorafuse.cli import main
@@ -36,52 +36,18 @@ OTHERS = {
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory) -> Path:
-    config = AutoConfig.for_model(
-        "qwen3",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape))
-    folder = tmp_path_factory.mktemp("qwen3") / "qwen3"
-    model.save_pretrained(folder)
-    return folder
-
-
-def _load(folder: Path):
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return tiny_qwen3(tmp_path_factory.mktemp("qwen3") / "qwen3")
 
 
 def _adapter(base: Path, case: tuple[str, dict], out: Path, seed: int) -> Path:
     """A PEFT adapter of ``case`` (peft_type, config) with every trained tensor moved off PEFT's initial values."""
     peft_type, kwargs = case
     torch.manual_seed(seed)
-    model = get_peft_model(_load(base), PeftConfig.from_peft_type(peft_type=peft_type, **kwargs))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad and param.is_floating_point():
-                param.add_(0.3 * torch.randn(param.shape, generator=gen))
+    model = get_peft_model(load_model(base), PeftConfig.from_peft_type(peft_type=peft_type, **kwargs))
+    nudge_trainable(model, 0.3, seed)
     # no saved copy of a targeted embedding: lorafuse puts one first, before the other adapters' edits
     model.save_pretrained(out, save_embedding_layers=False)
     return out
-
-
-def _peft_sequential(base: Path, adapters: list[Path]) -> dict[str, torch.Tensor]:
-    model = _load(base)
-    for path in adapters:
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _assert_matches(out: Path, expected: dict[str, torch.Tensor]) -> None:
@@ -98,7 +64,7 @@ def test_another_tuner_and_dora_match_peft_s_sequential_merge(other, dora_last, 
     adapters = [first, dora] if dora_last else [dora, first]
     out = tmp_path / "merged"
     assert main(["merge", str(qwen3), *map(str, adapters), "-o", str(out), "--dtype", "float32"]) == 0
-    expected = _peft_sequential(qwen3, adapters)
+    expected = peft_merged_in_turn(load_model(qwen3), adapters)
     _assert_matches(out, expected)
     if dora_last:  # the test can fail: with DoRA's norm of the unedited base (one run of edits) it does
         import lorafuse.engine.kernel as kernel
@@ -119,7 +85,7 @@ def test_lora_then_another_tuner_then_dora(qwen3, tmp_path):
     ]
     out = tmp_path / "merged"
     lorafuse.merge(qwen3, adapters, out, dtype="fp32")
-    _assert_matches(out, _peft_sequential(qwen3, adapters))
+    _assert_matches(out, peft_merged_in_turn(load_model(qwen3), adapters))
 
 
 def test_merge_verify_passes_on_a_sequence(qwen3, tmp_path, capsys):
@@ -166,12 +132,12 @@ def test_runtime_lora_then_ia3_is_peft_s_sequential_model_and_comes_off(qwen3, t
             return model(ids).logits
 
     def peft_model(adapters, merged_first=()):
-        model = _load(qwen3)
+        model = load_model(qwen3)
         for path in merged_first:
             model = PeftModel.from_pretrained(model, path).merge_and_unload()
         return PeftModel.from_pretrained(model, adapters[0]).eval() if adapters else model
 
-    model = _load(qwen3)
+    model = load_model(qwen3)
     base = logits(model)
     first = apply_adapter(model, lora)
     second = apply_adapter(model, ia3)
@@ -213,7 +179,7 @@ def test_torch_kernel_takes_dora_s_norm_where_the_numpy_kernel_does(qwen3, tmp_p
     for out in touched:
         on_numpy = tensor_array(out, RowMerger(plan).merge)
         assert np.allclose(on_numpy, tensor_array(out, CudaMerger(plan, "cpu").merge), atol=1e-6, rtol=0), out.name
-    expected = _peft_sequential(qwen3, folders)
+    expected = peft_merged_in_turn(load_model(qwen3), folders)
     for out in touched:
         torch.testing.assert_close(torch.from_numpy(tensor_array(out, RowMerger(plan).merge)), expected[out.name])
 
@@ -225,7 +191,7 @@ def test_trained_token_rows_then_a_dora_embedding(qwen3, tmp_path):
     adapters = [_adapter(qwen3, tokens, tmp_path / "tokens", seed=14), _adapter(qwen3, dora, tmp_path / "dora", 15)]
     out = tmp_path / "merged"
     lorafuse.merge(qwen3, adapters, out, dtype="fp32")
-    expected = _peft_sequential(qwen3, adapters)
+    expected = peft_merged_in_turn(load_model(qwen3), adapters)
     _assert_matches(out, expected)
     key = "model.embed_tokens.weight"
     assert not torch.allclose(expected[key], read_tensors(qwen3)[key], atol=1e-3)

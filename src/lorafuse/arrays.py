@@ -113,7 +113,7 @@ def decode_f32(raw: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) 
         out = np.empty(values.shape, dtype=F32)
     if dtype == BF16:
         np.left_shift(values.view("<u2"), 16, out=out.view(np.uint32), dtype=np.uint32)
-    elif dtype == F16 and values.size and values.flags.c_contiguous and out.flags.c_contiguous and _keeps_subnormals():
+    elif dtype == F16 and _bit_decodable(values, out):
         _decode_f16(values, out)
     else:
         np.copyto(out, values, casting="unsafe")
@@ -124,6 +124,13 @@ def decode_f32(raw: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) 
 F16_RESCALE = np.float32(2.0**112)
 F16_SIGN_AND_BITS = np.int32(-0x70000001)  # 0x8FFFFFFF: the sign, and no sign-extension bits over the exponent
 _SUBNORMAL_PROBE = np.array([2.0**-149], dtype=F32)
+
+
+def _bit_decodable(values: np.ndarray, out: np.ndarray) -> bool:
+    """True when :func:`_decode_f16` applies: contiguous fp16 values into a contiguous fp32 ``out`` of their shape,
+    on a thread that keeps subnormals."""
+    contiguous = values.flags.c_contiguous and out.flags.c_contiguous
+    return bool(values.size) and contiguous and out.dtype == F32 and out.shape == values.shape and _keeps_subnormals()
 
 
 def _keeps_subnormals() -> bool:

@@ -56,6 +56,11 @@ class TensorRef:
         return decode_f32(self.checkpoint.elements(self.name, start, stop), info.dtype)
 
 
+def fp32_of(ref: TensorRef) -> np.ndarray:
+    """A tensor's values as fp32 numpy, whatever ``ref`` is (the runtime's in-memory refs load torch tensors)."""
+    return np.asarray(ref.load(), dtype=F32)
+
+
 def require_finite(ref: TensorRef, values: np.ndarray) -> np.ndarray:
     """``values`` (``ref`` as loaded) when they hold no NaN/Inf; else :class:`NonFiniteError` naming file and tensor."""
     if values.size and not np.isfinite(values.min() + values.max()):  # NaN propagates; Inf shows (or overflows)
@@ -236,6 +241,50 @@ class Edit:
         """``value * strength``, which must stay finite (a huge alpha times a huge strength overflows)."""
         what = f"{self.adapter}: the scale of {self.source_key!r} times the adapter's strength {strength:g}"
         return finite_number(value * strength, what, "use a smaller strength or lora_alpha", AdapterError)
+
+
+def transposed_for(
+    edit: Edit, shape: tuple[int, ...], conv1d: bool | None, fits: Callable[[bool], bool], unknown: bool
+) -> bool:
+    """Whether ``edit`` applies to a 2-D weight of ``shape`` as a GPT-2 Conv1D (in, out) one, as
+    :meth:`Edit.oriented` decides it: by ``conv1d`` when the base says; else by the one orientation ``fits``
+    (transposed -> the update fits) accepts, ``unknown`` when neither does (the plan's shape error then names it),
+    and refused when both do (a square weight)."""
+    if conv1d is not None:
+        return conv1d
+    fitting = [t for t in (False, True) if fits(t)]
+    if len(fitting) == 2:
+        raise AdapterError(
+            f"{edit.adapter}: {edit.source_key!r} updates a square {shape[0]}x{shape[1]} weight that may be a "
+            "Linear (out, in) or a GPT-2 Conv1D (in, out) layer, and the base model does not say which: "
+            f"{ORIENTATION_FIX}"
+        )
+    return fitting[0] if fitting else unknown
+
+
+class FactoredUpdate(Edit):
+    """An edit whose update is ``left @ right`` with left (out, r) and right (r, in): W[rows] += left[rows] @ right,
+    the transpose for a ``transposed`` (GPT-2 Conv1D, (in, out)) target. Subclasses are frozen dataclasses with a
+    ``transposed`` field and :meth:`_factors`; the factors are built once per tensor."""
+
+    transposed: bool  # declared by each subclass's dataclass fields
+
+    def _factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(left, right) of the (out, in) update, in fp32 numpy, every scale applied."""
+        raise NotImplementedError
+
+    def _halves(self, ops: BlockOps) -> tuple[Array, Array]:
+        def make() -> tuple[Array, Array]:
+            left, right = self._factors()
+            if self.transposed:  # W (in, out) += right.T @ left.T
+                left, right = right.T, left.T
+            return ops.array(np.ascontiguousarray(left)), ops.array(np.ascontiguousarray(right))
+
+        return ops.cached(self, "halves", make)
+
+    def apply(self, block: Array, rows: slice, ops: BlockOps, base: Array | None = None) -> None:
+        left, right = self._halves(ops)
+        block += ops.product(left[rows], right)
 
 
 @dataclass(frozen=True)

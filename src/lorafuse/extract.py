@@ -22,13 +22,12 @@ import math
 import os
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from . import __version__
 from .arrays import (
@@ -53,6 +52,7 @@ from .io.extra_files import read_json
 from .io.output import AtomicOutput, check_output
 from .io.safetensors_file import TensorInfo, pread_into
 from .io.spool import SpoolWriter
+from .progress import ByteBar
 from .serving import (
     VLLM_DEFAULT_MAX_LORA_RANK,
     VLLM_VERSION,
@@ -799,11 +799,10 @@ def _stream(
     state = _PeftState()
     keys = base.keys()
     embedding = _embedding_key(keys)
-    disable = None if show_progress is None else not show_progress
-    with _Workspace() as workspace:
-        for name in tqdm(keys, desc="extracting", unit="tensor", disable=disable, leave=False):
-            if name not in tuned:
-                continue
+    shared = [name for name in keys if name in tuned]
+    total = sum(tuned.infos[name].nbytes for name in shared)
+    with _Workspace() as workspace, ByteBar(total, "extracting", show_progress) as bar:
+        for name in _counted(shared, tuned, bar):
             binfo, tinfo = base.infos[name], tuned.infos[name]
             if binfo.shape != tinfo.shape:
                 note = f"shape {binfo.shape} vs tuned {tinfo.shape}"
@@ -827,6 +826,13 @@ def _stream(
             result = _extract_one(name, binfo, tinfo, base, tuned, spool, layout, settings, state, workspace, pair)
             report.count(result)
     return state
+
+
+def _counted(names: list[str], tuned: Checkpoint, bar: ByteBar) -> Iterator[str]:
+    """``names`` one by one; the bar advances by a tensor's bytes in the tuned model once its turn is over."""
+    for name in names:
+        yield name
+        bar.update(tuned.infos[name].nbytes)
 
 
 def overall_error(results: list[TensorResult]) -> float:

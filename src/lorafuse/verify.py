@@ -39,6 +39,7 @@ from .part_weights import specs_of as part_weights_of
 from .plan import AdapterInput, MergePlan, OutputTensor, build_plan
 from .progress import ByteBar
 from .quantized import measure_fp8_scales
+from .report import source_notes
 from .sources import resolve_merge_inputs
 from .verify_inputs import check_hashes, recorded_merge
 
@@ -122,6 +123,7 @@ class VerifyReport:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     inputs_from: str = ""  # without --adapter: what the merged folder's lorafuse_merge.json named
+    training_notes: list[str] = field(default_factory=list)  # which adapter of a training output folder was taken
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -341,6 +343,7 @@ def verify(
         )
     finally:
         sources.cleanup()
+    report.training_notes = source_notes(sources.provenance)
     if recorded is not None:
         report.inputs_from = recorded.describe()
     report.seconds = time.perf_counter() - started
@@ -436,6 +439,7 @@ def render(report: VerifyReport) -> str:
         *([f"inputs       {report.inputs_from}"] if report.inputs_from else []),
         f"base         {report.base}",
         "adapters     " + ", ".join(f"{a['path']} (weight {a['weight']:g})" for a in report.adapters),
+        *[f"note: {note}" for note in report.training_notes],
         f"weights      {report.tensors_checked} tensors checked, {report.tensors_touched} changed by the adapters; "
         f"max error {report.max_abs_err:.3g} = {report.max_ulp:.3g} ulp (allowed {report.max_ulp_allowed:g})",
     ]

@@ -68,6 +68,31 @@ class Executor(Protocol):
     ) -> list[Outcome]: ...
 
 
+def _record(
+    outcomes: list[Outcome],
+    queue: list[int],
+    index: int,
+    started: float,
+    message: tuple[str, Any],
+    retries: int,
+    on_end: Hook | None,
+) -> None:
+    """Count an attempt of item ``index`` that ended with ``message`` (``("ok", value)`` or ``("error", line)``):
+    a failure with retries left goes back to the head of ``queue`` (retried next, before items not yet started),
+    anything else is the item's end."""
+    outcome = outcomes[index]
+    outcome.seconds += time.perf_counter() - started
+    if message[0] == "ok":
+        outcome.ok, outcome.value = True, message[1]
+    else:
+        outcome.errors.append(message[1])
+        if len(outcome.errors) <= retries:
+            queue.insert(0, index)
+            return
+    if on_end is not None:
+        on_end(index, outcome)
+
+
 def _child(conn: multiprocessing.connection.Connection, fn: Callable[[Any], Any], item: Any) -> None:
     """An attempt in its own process: the result, or the error as one line, sent back through ``conn``."""
     try:
@@ -127,17 +152,7 @@ class LocalExecutor:
                     if message is None:
                         continue
                     running.remove(run)
-                    outcome = outcomes[run.index]
-                    outcome.seconds += time.perf_counter() - run.started
-                    if message[0] == "ok":
-                        outcome.ok, outcome.value = True, message[1]
-                    else:
-                        outcome.errors.append(message[1])
-                        if len(outcome.errors) <= retries:
-                            queue.insert(0, run.index)  # retried next, before jobs not yet started
-                            continue
-                    if on_end is not None:
-                        on_end(run.index, outcome)
+                    _record(outcomes, queue, run.index, run.started, message, retries, on_end)
         finally:
             for run in running:  # interrupted: no attempt outlives the batch
                 run.process.kill()
@@ -199,19 +214,13 @@ class RayExecutor:
                 done, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
                 for ref in done:
                     index, started = running.pop(ref)
-                    outcome = outcomes[index]
-                    outcome.seconds += time.perf_counter() - started
                     try:
-                        outcome.value, outcome.ok = ray.get(ref), True
+                        message: tuple[str, Any] = ("ok", ray.get(ref))
                     except ray.exceptions.RayTaskError as exc:
-                        outcome.errors.append(error_line(exc.cause) if exc.cause is not None else error_line(exc))
+                        message = ("error", error_line(exc.cause) if exc.cause is not None else error_line(exc))
                     except ray.exceptions.RayError as exc:  # the worker or its node died, the task was lost
-                        outcome.errors.append(f"the Ray worker died ({type(exc).__name__})")
-                    if not outcome.ok and len(outcome.errors) <= retries:
-                        queue.insert(0, index)
-                        continue
-                    if on_end is not None:
-                        on_end(index, outcome)
+                        message = ("error", f"the Ray worker died ({type(exc).__name__})")
+                    _record(outcomes, queue, index, started, message, retries, on_end)
         finally:
             for ref in running:
                 ray.cancel(ref, force=True)

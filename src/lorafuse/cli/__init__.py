@@ -16,11 +16,10 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..cpus import calm_thread_pools
-from ..report import format_bytes as human_bytes
 from .exits import run_guarded
 from .weight_flag import weights_apart
 
-__all__ = ["build_parser", "human_bytes", "main", "run_guarded"]
+__all__ = ["build_parser", "main", "run_guarded"]
 
 # Sub-command -> module of this package, in the order `lorafuse --help` lists them.
 COMMANDS = {

@@ -8,8 +8,9 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..errors import LorafuseError
+from ..report import format_bytes
 from ..serving import VLLM_DEFAULT_MAX_LORA_RANK, VLLM_MAX_LORA_RANKS
-from . import human_bytes, progress
+from . import progress
 
 if TYPE_CHECKING:
     from ..extract import ExtractReport
@@ -63,15 +64,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="write only what this engine serves (vLLM: no modules_to_save or lora_bias, its LoRA modules for the "
         "base's architecture), report what was left out and its error, and check the adapter against its rules",
     )
-    p.add_argument(
-        "--max-lora-rank",
-        "--max-rank",
-        type=int,
-        default=None,
-        metavar="N",
-        help=f"with --serving vllm: the server's --max-lora-rank (one of {', '.join(map(str, VLLM_MAX_LORA_RANKS))}; "
-        f"default {VLLM_DEFAULT_MAX_LORA_RANK}); --rank must not exceed it",
-    )
+    ranks = ", ".join(map(str, VLLM_MAX_LORA_RANKS))
+    add_max_lora_rank(p, f"(one of {ranks}; default {VLLM_DEFAULT_MAX_LORA_RANK}); --rank must not exceed it")
     p.add_argument("--dtype", default="auto", help="auto (factors in the model's dtype, diffs fp32), bf16, fp16, fp32")
     p.add_argument("--device", default="cpu", help="cpu or cuda for the SVDs")
     p.add_argument("--base-name", default=None, help="base_model_name_or_path for adapter_config.json")
@@ -102,9 +96,7 @@ def print_statistics(report: ExtractReport, show_tensors: int = 5, file=None) ->
     print(f"  Failed weights: {report.failed}", file=file)
     if report.tied:
         print(f"  Tied weights (stored once): {report.tied}", file=file)
-    print(
-        f"  Tensors written: {report.tensors_written} ({human_bytes(report.adapter_bytes)} of tensor bytes)", file=file
-    )
+    print(f"  Tensors written: {report.tensors_written} ({format_bytes(report.adapter_bytes)} tensor bytes)", file=file)
     print(f"  Relative Frobenius error (overall): {report.rel_error:.3e}", file=file)
     lossy = sorted((t for t in report.tensors if t.kind == "lora"), key=lambda t: -t.rel_error)[:show_tensors]
     for t in lossy:
@@ -135,6 +127,18 @@ def print_left_out(report: ExtractReport, limit: int, file) -> None:
         print(f"    {t.name}: {100 * t.share:.3g}% ({t.note})", file=file)
     if len(left) > limit:
         print(f"    ... and {len(left) - limit} more (--json lists every tensor)", file=file)
+
+
+def add_max_lora_rank(p: argparse.ArgumentParser, detail: str) -> None:
+    """``--max-lora-rank N`` (alias ``--max-rank``), read by :func:`serving_rank`; ``detail`` ends its help."""
+    p.add_argument(
+        "--max-lora-rank",
+        "--max-rank",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"with --serving vllm: the server's --max-lora-rank {detail}",
+    )
 
 
 def serving_rank(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import json
 
 from ..serving import VLLM_DEFAULT_MAX_LORA_RANK
 from . import add_adapter_format
-from .extract import serving_rank
+from .extract import add_max_lora_rank, serving_rank
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -22,14 +22,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="say whether this engine serves the adapter as it is, each failing rule with its fix (the model's "
         "rules need the base's config.json: --base, or the local folder the adapter names)",
     )
-    p.add_argument(
-        "--max-lora-rank",
-        "--max-rank",
-        type=int,
-        default=None,
-        metavar="N",
-        help=f"with --serving vllm: the server's --max-lora-rank (default {VLLM_DEFAULT_MAX_LORA_RANK})",
-    )
+    add_max_lora_rank(p, f"(default {VLLM_DEFAULT_MAX_LORA_RANK})")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ from ..errors import AdapterError
 from ..io.checkpoint import Checkpoint
 from ..peft_flags import finite_number
 from ..tuners.boft import butterfly_order
+from ..tuners.lokr import kronecker
 from ..tuners.lycoris_math import Factor, HadamardDelta, KroneckerDelta
 from ..tuners.orthogonal import cayley, multiply_block_diagonal
 
@@ -177,19 +178,7 @@ def lokr(
     if len(set(ranks)) > 1:
         raise AdapterError(f"{source}: {key!r}: the LoKr factors have ranks {ranks}; the adapter file is broken")
     rank = ranks[0] if ranks else 0
-    return KroneckerDelta(
-        scale=alpha_scale(rank) if ranks else 1.0,
-        rank=rank,
-        whole1=first.whole,
-        up1=first.up,
-        down1=first.down,
-        whole2=second.whole,
-        up2=second.up,
-        down2=second.down,
-        core2=second.core,
-        adapter=label,
-        source_key=key,
-    )
+    return kronecker(first, second, alpha_scale(rank) if ranks else 1.0, rank, label, key)
 
 
 def glora(

@@ -16,9 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..arrays import F32
-from ..conv1d import ORIENTATION_FIX
-from ..edits import Array, BlockOps, Edit, TargetedEdit, TensorRef, lora_rank_error
+from ..edits import Edit, FactoredUpdate, TargetedEdit, TensorRef, fp32_of, lora_rank_error, transposed_for
 from ..errors import AdapterError
 from ..peft_flags import ALPHA_FIX, CONFIG_NAME, finite_number, positive_int
 from .registry import Tuner, TunerInput, register_tuner
@@ -28,13 +26,13 @@ RANKNUM_EPSILON = 1e-5  # PEFT divides by ranknum + 1e-5
 
 
 def _fp32(ref: TensorRef) -> np.ndarray:
-    """A tensor's values in fp32 numpy, as 2-D rows (the runtime's in-memory refs load torch tensors)."""
-    values = np.asarray(ref.load(), dtype=F32)
+    """A tensor's values in fp32 numpy, as 2-D rows."""
+    values = fp32_of(ref)
     return values.reshape(values.shape[0], -1)
 
 
 @dataclass(frozen=True)
-class AdaLoraDelta(Edit):
+class AdaLoraDelta(FactoredUpdate):
     """W += scale * B @ (A * E): an SVD-shaped LoRA (``scale`` = scaling / (ranknum + 1e-5) times any strength).
 
     ``transposed``: the target is a GPT-2 Conv1D weight (in, out), the update's transpose (set by :meth:`oriented`
@@ -78,32 +76,12 @@ class AdaLoraDelta(Edit):
         """Linear or GPT-2 Conv1D by ``conv1d``; unknown, by the one orientation the shape fits (square: refused)."""
         if len(shape) != 2:  # a conv kernel: never a Conv1D, whatever the adapter's one fan_in_fan_out flag says
             return replace(self, transposed=False)
-        if conv1d is not None:
-            return replace(self, transposed=conv1d)
-        fitting = [t for t in (False, True) if self._fits(shape, t)]
-        if len(fitting) == 2:
-            raise AdapterError(
-                f"{self.adapter}: {self.source_key!r} updates a square {shape[0]}x{shape[1]} weight that may be a "
-                "Linear (out, in) or a GPT-2 Conv1D (in, out) layer, and the base model does not say which: "
-                f"{ORIENTATION_FIX}"
-            )
-        return replace(self, transposed=fitting[0]) if fitting else self
+        transposed = transposed_for(self, shape, conv1d, lambda t: self._fits(shape, t), self.transposed)
+        return replace(self, transposed=transposed)
 
-    def _halves(self, ops: BlockOps) -> tuple[Array, Array]:
-        """(left, right) with W[rows] += left[rows] @ right, computed once per tensor."""
-
-        def make() -> tuple[Array, Array]:
-            right = _fp32(self.A) * _fp32(self.E).reshape(-1, 1)  # A * E: each rank's singular value
-            left = _fp32(self.B) * np.float32(self.scale)
-            if self.transposed:  # W (in, out) += (A * E).T @ (s * B).T
-                left, right = right.T, left.T
-            return ops.array(np.ascontiguousarray(left)), ops.array(np.ascontiguousarray(right))
-
-        return ops.cached(self, "halves", make)
-
-    def apply(self, block: Array, rows: slice, ops: BlockOps, base: Array | None = None) -> None:
-        left, right = self._halves(ops)
-        block += ops.product(left[rows], right)
+    def _factors(self) -> tuple[np.ndarray, np.ndarray]:
+        right = _fp32(self.A) * _fp32(self.E).reshape(-1, 1)  # A * E: each rank's singular value
+        return _fp32(self.B) * np.float32(self.scale), right
 
     def scaled(self, strength: float) -> Edit:
         return self if strength == 1.0 else replace(self, scale=self._times(self.scale, strength))

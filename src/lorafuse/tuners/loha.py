@@ -71,4 +71,12 @@ def _factor(module: str, slots: dict[str, str], tuner_input: TunerInput, i: int)
     return Factor(up=up, down=down, core=None if core is None else TensorRef(checkpoint, core))
 
 
-TUNER = register_tuner(Tuner("LOHA", LOHA_PARAMS, read_loha, description="LoHa (W += alpha/r * (w1a w1b) * (w2a w2b))"))
+TUNER = register_tuner(
+    Tuner(
+        "LOHA",
+        LOHA_PARAMS,
+        read_loha,
+        description="LoHa (W += alpha/r * (w1a w1b) * (w2a w2b))",
+        extra={"layers": ("linear", "conv1d", "conv2d")},  # PEFT's Loha layers (no GPT-2 Conv1D)
+    )
+)

@@ -41,22 +41,28 @@ def read_lokr(tuner_input: TunerInput) -> tuple[list[TargetedEdit], dict[str, in
         _check_whole(module, first, second, rank, decompose_both, source)
         if len(first.shape) != 2:
             raise AdapterError(f"{source}: module {module!r}: w1 has shape {first.shape}, not a matrix")
-        edit = KroneckerDelta(
-            whole1=first.whole,
-            up1=first.up,
-            down1=first.down,
-            whole2=second.whole,
-            up2=second.up,
-            down2=second.down,
-            core2=second.core,
-            scale=settings.scale(module),
-            rank=rank,
-            adapter=tuner_input.label,
-            source_key=slots.get("lokr_w1") or slots["lokr_w1_a"],
-        )
+        key = slots.get("lokr_w1") or slots["lokr_w1_a"]
+        edit = kronecker(first, second, settings.scale(module), rank, tuner_input.label, key)
         edits.append(TargetedEdit(f"{module}.weight", edit))
         ranks[module] = rank
     return edits, ranks
+
+
+def kronecker(first: Factor, second: Factor, scale: float, rank: int, adapter: str, source_key: str) -> KroneckerDelta:
+    """The update ``scale * kron(first, second)`` (PEFT's LoKr files and LyCORIS' alike)."""
+    return KroneckerDelta(
+        whole1=first.whole,
+        up1=first.up,
+        down1=first.down,
+        whole2=second.whole,
+        up2=second.up,
+        down2=second.down,
+        core2=second.core,
+        scale=scale,
+        rank=rank,
+        adapter=adapter,
+        source_key=source_key,
+    )
 
 
 def _factor(module: str, slots: dict[str, str], tuner_input: TunerInput, i: int) -> Factor:
@@ -99,4 +105,12 @@ def _check_whole(module: str, first: Factor, second: Factor, rank: int, decompos
             )
 
 
-TUNER = register_tuner(Tuner("LOKR", LOKR_PARAMS, read_lokr, description="LoKr (W += alpha/r * kron(w1, w2))"))
+TUNER = register_tuner(
+    Tuner(
+        "LOKR",
+        LOKR_PARAMS,
+        read_lokr,
+        description="LoKr (W += alpha/r * kron(w1, w2))",
+        extra={"layers": ("linear", "conv1d", "conv2d")},  # PEFT's Lokr layers (no GPT-2 Conv1D)
+    )
+)

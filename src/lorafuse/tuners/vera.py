@@ -20,18 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from ..arrays import F32
-from ..conv1d import ORIENTATION_FIX
-from ..edits import Array, BlockOps, Edit, TargetedEdit, TensorRef
+from ..edits import Edit, FactoredUpdate, TargetedEdit, TensorRef, fp32_of, transposed_for
 from ..errors import AdapterError
 from ..peft_flags import CONFIG_NAME, positive_int
 from ..torch_bridge import require_torch
 from .registry import Tuner, TunerInput, register_tuner
-
-
-def _fp32(ref: TensorRef) -> np.ndarray:
-    """A tensor's values in fp32 numpy (the runtime's in-memory refs load torch tensors)."""
-    return np.asarray(ref.load(), dtype=F32)
 
 
 class Regenerated:
@@ -72,7 +65,7 @@ class Regenerated:
 
 
 @dataclass(frozen=True)
-class VeraDelta(Edit):
+class VeraDelta(FactoredUpdate):
     """W += scale * (lambda_b * B[:out, :]) @ (lambda_d[:r] * A[:r, :in]) (``scale``: 1 times any strength).
 
     ``A``/``B`` are the saved projections, or ``regenerated`` builds them. ``transposed``: the target is a GPT-2
@@ -106,17 +99,7 @@ class VeraDelta(Edit):
         The layer's input size goes to the regenerated projections."""
         if len(shape) != 2:
             return self
-        if conv1d is not None:
-            transposed = conv1d
-        else:
-            fitting = [t for t in (False, True) if self._fits(shape, t)]
-            if len(fitting) == 2:
-                raise AdapterError(
-                    f"{self.adapter}: {self.source_key!r} updates a square {shape[0]}x{shape[1]} weight that may be "
-                    "a Linear (out, in) or a GPT-2 Conv1D (in, out) layer, and the base model does not say which: "
-                    f"{ORIENTATION_FIX}"
-                )
-            transposed = fitting[0] if fitting else self.transposed
+        transposed = transposed_for(self, shape, conv1d, lambda t: self._fits(shape, t), self.transposed)
         in_features = shape[0] if transposed else shape[1]
         if self.regenerated is not None:
             self.regenerated.note(self.module, in_features)
@@ -140,32 +123,21 @@ class VeraDelta(Edit):
             return f"the shared {self.kind}_B {b} has no ({self.out_features}, {self.rank}) slice for this layer"
         return None
 
-    def _halves(self, ops: BlockOps) -> tuple[Array, Array]:
-        """(left, right) with W[rows] += left[rows] @ right, computed once per tensor."""
-
-        def make() -> tuple[Array, Array]:
-            if self.in_features is None:
-                raise AdapterError(f"{self.adapter}: {self.source_key!r} was not oriented on its base weight")
-            if self.regenerated is not None:
-                a, b = self.regenerated.matrices()
-            else:
-                assert self.A is not None and self.B is not None
-                a, b = _fp32(self.A), _fp32(self.B)
-            lambda_b = _fp32(self.lambda_b).reshape(-1, 1)
-            lambda_d = _fp32(self.lambda_d).reshape(-1, 1)[: self.rank]
-            left = lambda_b * b[: self.out_features, :]
-            right = lambda_d * a[: self.rank, : self.in_features]
-            if self.scale != 1.0:
-                left *= np.float32(self.scale)
-            if self.transposed:  # W (in, out) += right.T @ left.T
-                left, right = right.T, left.T
-            return ops.array(np.ascontiguousarray(left)), ops.array(np.ascontiguousarray(right))
-
-        return ops.cached(self, "halves", make)
-
-    def apply(self, block: Array, rows: slice, ops: BlockOps, base: Array | None = None) -> None:
-        left, right = self._halves(ops)
-        block += ops.product(left[rows], right)
+    def _factors(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.in_features is None:
+            raise AdapterError(f"{self.adapter}: {self.source_key!r} was not oriented on its base weight")
+        if self.regenerated is not None:
+            a, b = self.regenerated.matrices()
+        else:
+            assert self.A is not None and self.B is not None
+            a, b = fp32_of(self.A), fp32_of(self.B)
+        lambda_b = fp32_of(self.lambda_b).reshape(-1, 1)
+        lambda_d = fp32_of(self.lambda_d).reshape(-1, 1)[: self.rank]
+        left = lambda_b * b[: self.out_features, :]
+        right = lambda_d * a[: self.rank, : self.in_features]
+        if self.scale != 1.0:
+            left *= np.float32(self.scale)
+        return left, right
 
     def scaled(self, strength: float) -> Edit:
         return self if strength == 1.0 else replace(self, scale=self._times(self.scale, strength))

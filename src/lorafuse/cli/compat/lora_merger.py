@@ -11,8 +11,6 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ...arrays import parse_dtype
 from ...edits import TargetedEdit
 from ...errors import LorafuseError
@@ -23,6 +21,7 @@ from ...io.output import AtomicOutput, OutputState, check_output
 from ...merger import close_adapters, write_model
 from ...names import PrefixMap
 from ...plan import AdapterInput, MergePlan, build_plan, nonfinite_warning
+from ...progress import ByteBar
 from ...torch_bridge import check_device, require_torch
 from .seed_common import DTYPE_CHOICES, TYPE_CHOICES, banner, check_model_type, output_file, run_script
 
@@ -134,15 +133,11 @@ def merge_file(
         for warning in plan.warnings:
             print(f"Warning: {warning}")
         out_format = "safetensors" if out.suffix == ".safetensors" else "bin"  # a .pt file: torch.save
-        bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merging", leave=False)
-        try:
-            with AtomicOutput(out, is_dir=False, checked=checked) as tmp:
-                written = write_model(
-                    plan, tmp.tmp.parent, "model", 1 << 62, out_format, device, bar.update, single_file=tmp.tmp
-                )
-                tmp.commit()
-        finally:
-            bar.close()
+        with ByteBar(plan.total_bytes, "merging") as bar, AtomicOutput(out, is_dir=False, checked=checked) as tmp:
+            written = write_model(
+                plan, tmp.tmp.parent, "model", 1 << 62, out_format, device, bar.update, single_file=tmp.tmp
+            )
+            tmp.commit()
         found = nonfinite_warning(written.nonfinite)
         if found:
             print(f"Warning: {found}")
