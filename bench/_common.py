@@ -84,3 +84,17 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None, load: bool =
         raise CommandFailed(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
     cpu, rss = proc.stdout.split()[-2:]
     return elapsed, int(rss) * 1024, float(cpu)  # Linux reports ru_maxrss in KiB
+
+
+def decoder_linear_shapes(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int) -> dict:
+    """(out, in) of each LoRA-targeted linear layer of one Llama/Qwen-style decoder layer."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    return {
+        "self_attn.q_proj": (q, hidden),
+        "self_attn.k_proj": (kv, hidden),
+        "self_attn.v_proj": (kv, hidden),
+        "self_attn.o_proj": (hidden, q),
+        "mlp.gate_proj": (intermediate, hidden),
+        "mlp.up_proj": (intermediate, hidden),
+        "mlp.down_proj": (hidden, intermediate),
+    }

@@ -31,7 +31,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CACHE, lorafuse_command, run_measured, warm  # noqa: E402
+from _common import CACHE, decoder_linear_shapes, lorafuse_command, run_measured, warm  # noqa: E402
 
 # Qwen2.5-0.5B
 VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 151936, 896, 4864, 24, 14, 2, 64
@@ -42,16 +42,8 @@ JOBS = 8
 
 
 def linear_shapes() -> dict[str, tuple[int, int]]:
-    q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
-    return {
-        "self_attn.q_proj": (q, HIDDEN),
-        "self_attn.k_proj": (kv, HIDDEN),
-        "self_attn.v_proj": (kv, HIDDEN),
-        "self_attn.o_proj": (HIDDEN, q),
-        "mlp.gate_proj": (INTERMEDIATE, HIDDEN),
-        "mlp.up_proj": (INTERMEDIATE, HIDDEN),
-        "mlp.down_proj": (HIDDEN, INTERMEDIATE),
-    }
+    """(out, in) of each LoRA-targeted linear layer of one decoder layer of this bench's model."""
+    return decoder_linear_shapes(HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM)
 
 
 def _randn(rng: np.random.Generator, *shape: int) -> np.ndarray:

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CACHE, CommandFailed, lorafuse_command, run_measured, warm  # noqa: E402
+from _common import CACHE, CommandFailed, decoder_linear_shapes, lorafuse_command, run_measured, warm  # noqa: E402
 from tuner_adapters import ensure_tuner_adapter  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,17 +99,8 @@ sys.exit(script.load()())
 
 
 def linear_shapes() -> dict[str, tuple[int, int]]:
-    """(out, in) of each LoRA-targeted linear layer of one decoder layer."""
-    q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
-    return {
-        "self_attn.q_proj": (q, HIDDEN),
-        "self_attn.k_proj": (kv, HIDDEN),
-        "self_attn.v_proj": (kv, HIDDEN),
-        "self_attn.o_proj": (HIDDEN, q),
-        "mlp.gate_proj": (INTERMEDIATE, HIDDEN),
-        "mlp.up_proj": (INTERMEDIATE, HIDDEN),
-        "mlp.down_proj": (HIDDEN, INTERMEDIATE),
-    }
+    """(out, in) of each LoRA-targeted linear layer of one decoder layer of this bench's model."""
+    return decoder_linear_shapes(HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM)
 
 
 def _randn(rng: np.random.Generator, *shape: int) -> np.ndarray:
