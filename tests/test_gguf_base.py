@@ -11,12 +11,13 @@ import pytest
 import torch
 from gguf_oracle import dequantized, read_gguf, run_converter
 from helpers import make_peft_adapter, peft_merged, read_tensors
-from test_gguf_merge import make_model, reference_gguf
+from test_gguf_merge import LONGROPE, known_pre_tokenizer, make_model, reference_gguf
 
 import lorafuse
 from lorafuse.cli import main
 from lorafuse.errors import LorafuseError
 from lorafuse.io.gguf_checkpoint import GGUFCheckpoint
+from lorafuse.verify import verify
 from lorafuse.writers.gguf import PROVENANCE_KEY
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "down_proj"]
@@ -28,11 +29,41 @@ def converted(base, tmp_path, outtype: str):
     return out
 
 
-@pytest.mark.parametrize(("model_type", "outtype"), [("llama", "f32"), ("qwen3", "q8_0"), ("llama", "q8_0")])
-def test_merge_into_gguf_equals_conversion_of_peft_merge(model_type, outtype, tmp_path):
-    extra = dict(head_dim=16) if model_type == "qwen3" else {}
-    base = make_model(tmp_path / "hf", model_type, "spm", **extra)
-    adapter = make_peft_adapter(base, tmp_path / "adapter", target_modules=TARGETS)
+PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # fused: llama.cpp's attn_qkv and ffn_up
+PHI3_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # Phi-3's defaults are past a tiny vocabulary
+BASES = {
+    # model_type -> (extra config, target modules)
+    "llama": ({}, TARGETS),
+    "qwen3": (dict(head_dim=16), TARGETS),
+    "gemma2": (dict(head_dim=16), TARGETS),  # norms stored as 1 + weight, head dropped (tied)
+    "gemma3_text": (dict(head_dim=16), TARGETS),
+    "phi3": (PHI3_IDS, PHI3_TARGETS),
+    "phi3-longrope": ({**PHI3_IDS, "rope_parameters": LONGROPE}, PHI3_TARGETS),  # + rope_factors_long/short
+}
+
+
+def make_base(root, case: str):
+    config, targets = BASES[case]
+    return make_model(root, case.split("-")[0], "spm", **config), targets
+
+
+@pytest.mark.parametrize(
+    ("case", "outtype"),
+    [
+        ("llama", "f32"),
+        ("qwen3", "q8_0"),
+        ("llama", "q8_0"),
+        ("gemma2", "f32"),
+        ("gemma2", "q8_0"),
+        ("gemma3_text", "f32"),
+        ("gemma3_text", "q8_0"),
+        ("phi3", "f32"),
+        ("phi3-longrope", "q8_0"),
+    ],
+)
+def test_merge_into_gguf_equals_conversion_of_peft_merge(case, outtype, tmp_path):
+    base, targets = make_base(tmp_path / "hf", case)
+    adapter = make_peft_adapter(base, tmp_path / "adapter", target_modules=targets)
     base_gguf = converted(base, tmp_path, outtype)
     out = tmp_path / "merged.gguf"
     report = lorafuse.merge(base_gguf, [adapter], out)  # .gguf output: GGUF written
@@ -43,15 +74,63 @@ def test_merge_into_gguf_equals_conversion_of_peft_merge(model_type, outtype, tm
     assert {k: v for k, v in fields.items() if k != PROVENANCE_KEY} == base_fields  # metadata kept
     ref_fields, ref_tensors = read_gguf(reference_gguf(base, adapter, tmp_path, outtype))
     assert list(tensors) == list(ref_tensors)
-    step = 1e-5 if outtype == "f32" else 1.5 / 127  # q8_0: one quantization step of the block, and a margin
+    step = 1.5 / 127  # q8_0 from a q8_0 base: one quantization step of the block, and a margin
     for name, ref in ref_tensors.items():
         mine = tensors[name]
         assert mine.tensor_type == base_tensors[name].tensor_type, name
-        if np.array_equal(np.asarray(ref.data), np.asarray(base_tensors[name].data)):  # the adapter left it alone
+        untouched = np.array_equal(np.asarray(ref.data), np.asarray(base_tensors[name].data))
+        if untouched or outtype == "f32":  # left alone, or merged from float32 values: the converter's bytes
             assert np.array_equal(np.asarray(mine.data), np.asarray(ref.data)), name
             continue
         want, got = dequantized(ref), dequantized(mine)
         assert np.abs(got - want).max() <= step * np.abs(want).max(), name
+
+
+def test_merged_gemma_norm_gets_the_converters_shift_back(tmp_path):
+    """A norm the adapter replaces (modules_to_save) is written as 1 + weight, as the converter writes PEFT's merge;
+    the untouched norms keep their bytes."""
+    base, _ = make_base(tmp_path / "hf", "gemma3_text")
+    adapter = make_peft_adapter(
+        base, tmp_path / "adapter", target_modules=["q_proj"], modules_to_save=["post_feedforward_layernorm"]
+    )
+    source, out = converted(base, tmp_path, "f32"), tmp_path / "merged.gguf"
+    report = lorafuse.merge(source, [adapter], out)
+    assert report.tensors_touched == 4
+    checked = verify(out, source, [adapter])  # the merged norms compared as stored, shifted
+    assert checked.passed and checked.tensors_touched == 4, checked.failures
+    _, tensors = read_gguf(out)
+    _, ref_tensors = read_gguf(reference_gguf(base, adapter, tmp_path, "f32"))
+    assert list(tensors) == list(ref_tensors)
+    for name, ref in ref_tensors.items():
+        assert np.array_equal(np.asarray(tensors[name].data), np.asarray(ref.data)), name
+    norm = np.asarray(tensors["blk.1.post_ffw_norm.weight"].data)
+    assert np.abs(norm - 1).max() < 0.9  # near 1: shifted (the trained copy is a small random weight)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "tokenizer", "dtype"),
+    [
+        ("gemma2", "spm", torch.float16),
+        ("gemma2", "spm", torch.bfloat16),
+        ("gemma3_text", "bpe", torch.bfloat16),  # the GGUF's embedding cut to the tokenizer's rows
+    ],
+)
+def test_verify_passes_a_gemma_merge_from_a_model_folder(model_type, tokenizer, dtype, tmp_path, monkeypatch):
+    """A Gemma GGUF reads back (norms shifted as the writer shifts them, in the stored precision for float16), so
+    verify checks it; a wrong weight fails it."""
+    base = make_model(tmp_path / "hf", model_type, tokenizer, dtype, head_dim=16)
+    if tokenizer == "bpe":
+        known_pre_tokenizer(base, monkeypatch)
+    adapter = make_peft_adapter(
+        base, tmp_path / "adapter", target_modules=["q_proj"], modules_to_save=["input_layernorm"], dtype=dtype
+    )
+    out = tmp_path / "m.gguf"
+    lorafuse.merge(base, [adapter], out, outtype="f16")
+    report = verify(out, base, [adapter])
+    assert report.passed and report.tensors_touched == 4, report.failures
+    assert not verify(out, base, [adapter], weights=[0.5]).passed
+    rows = GGUFCheckpoint(out).raw("model.embed_tokens.weight").shape[0]
+    assert (rows < read_tensors(base)["model.embed_tokens.weight"].shape[0]) == (tokenizer == "bpe")
 
 
 def q4_k_gguf(source, out, seed: int = 0):
@@ -116,12 +195,28 @@ def test_k_quant_base_requantizes_merged_tensors_and_copies_the_rest(tmp_path):
             assert np.abs(after.array(key) - want).max() <= 1.5 / 127 * np.abs(want).max(), key
 
 
-def test_gguf_reader_gives_transformers_names_and_row_order(tmp_path):
-    base = make_model(tmp_path / "hf", "llama", "spm")
+READ_BACK = {  # case -> (transformers architecture, tensors the GGUF has and transformers not, and vice versa)
+    "llama": ("LlamaForCausalLM", set(), set()),
+    "gemma2": ("Gemma2ForCausalLM", set(), {"lm_head.weight"}),  # llama.cpp's gemma2 uses the embedding
+    "gemma3_text": ("Gemma3ForCausalLM", set(), set()),
+    "phi3-longrope": ("Phi3ForCausalLM", {"rope_factors_long.weight", "rope_factors_short.weight"}, set()),
+}
+
+
+@pytest.mark.parametrize("case", list(READ_BACK))
+def test_gguf_reader_gives_transformers_names_and_row_order(case, tmp_path):
+    architecture, generated, dropped = READ_BACK[case]
+    base, _ = make_base(tmp_path / "hf", case)
     checkpoint = GGUFCheckpoint(converted(base, tmp_path, "f32"))
-    hf = read_tensors(base)
-    assert set(checkpoint.keys()) == set(hf)
+    hf = {name: t for name, t in read_tensors(base).items() if name not in dropped}
+    assert set(checkpoint.keys()) == set(hf) | generated
     for name, tensor in hf.items():
+        if checkpoint.raw(name).shift:  # Gemma's norms: the file holds fl(1 + w) in float32, read back as it - 1
+            stored = tensor.numpy() + np.float32(1)
+            np.testing.assert_array_equal(checkpoint.array(name, stored=True), stored, err_msg=name)
+            np.testing.assert_array_equal(checkpoint.array(name), stored - np.float32(1), err_msg=name)
+            assert name.endswith("norm.weight")
+            continue
         np.testing.assert_array_equal(checkpoint.array(name), tensor.numpy(), err_msg=name)
         rows = tensor.shape[0]
         np.testing.assert_array_equal(
@@ -129,7 +224,9 @@ def test_gguf_reader_gives_transformers_names_and_row_order(tmp_path):
             tensor.numpy().reshape(-1)[tensor.numel() // rows : 3 * tensor.numel() // rows],
             err_msg=name,
         )
-    assert checkpoint.config["architectures"] == ["LlamaForCausalLM"]
+    assert checkpoint.config["architectures"] == [architecture]
+    shifted = {name for name, raw in checkpoint.raws.items() if raw.shift}
+    assert shifted == ({n for n in hf if n.endswith("norm.weight")} if case.startswith("gemma") else set())
 
 
 def test_cli_merges_into_gguf(tmp_path):

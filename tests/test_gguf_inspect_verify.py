@@ -97,3 +97,19 @@ def test_verify_without_adapters_is_one_line(merged_llama, tmp_path):
     lorafuse.merge(base, [adapter], out, outtype="f16")
     with pytest.raises(lorafuse.LorafuseError, match="pass --base and --adapter"):
         verify(out)
+
+
+def test_verify_checks_the_generated_rope_freqs_of_llama3_rope(tmp_path):
+    from test_gguf_merge import LLAMA3_ROPE
+
+    base = make_model(tmp_path / "hf", "llama", "spm", rope_parameters=LLAMA3_ROPE)
+    adapter = make_peft_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    out = tmp_path / "m.gguf"
+    lorafuse.merge(base, [adapter], out, outtype="f16")
+    report = verify(out, base, [adapter])
+    assert report.passed, report.failures
+    t = read_gguf(out)[1]["rope_freqs.weight"]
+    with open(out, "r+b") as handle:  # one factor changed
+        handle.seek(int(t.data_offset))
+        handle.write(np.float32(3.0).tobytes())
+    assert [f.name for f in verify(out, base, [adapter]).failures] == ["rope_freqs.weight"]

@@ -108,6 +108,14 @@ def assert_same_gguf(ours, reference) -> None:
     assert provenance["adapters"][0]["files"]
 
 
+LLAMA3_ROPE = {  # wavelengths on both sides of 64/4 and 64/1 positions: every branch of the factor formula
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 CASES = {
     # (model_type, tokenizer, base dtype, outtype, extra config)
     "qwen3-bpe-f32": ("qwen3", "bpe", torch.float32, "f32", dict(head_dim=16)),
@@ -116,6 +124,7 @@ CASES = {
     "llama-spm-f16": ("llama", "spm", torch.float32, "f16", {}),
     "llama-spm-q8_0-bf16-base": ("llama", "spm", torch.bfloat16, "q8_0", {}),
     "qwen2-bpe-bf16": ("qwen2", "bpe", torch.bfloat16, "bf16", {}),
+    "llama3-rope-spm-q8_0": ("llama", "spm", torch.bfloat16, "q8_0", dict(rope_parameters=LLAMA3_ROPE)),
     "mistral-spm-f16": ("mistral", "spm", torch.float16, "f16", {}),
     "gemma2-spm-f32": ("gemma2", "spm", torch.float32, "f32", dict(head_dim=16)),
     "gemma2-spm-q8_0-bf16-base": ("gemma2", "spm", torch.bfloat16, "q8_0", dict(head_dim=16)),
@@ -136,7 +145,15 @@ def test_gguf_equals_llama_cpp_conversion_of_peft_merge(case, tmp_path, monkeypa
     ours = tmp_path / "merged.gguf"
     report = lorafuse.merge(base, [adapter], ours, out_format="gguf", outtype=outtype)
     assert report.files == ["merged.gguf"] and report.tensors_touched == 14
-    assert_same_gguf(ours, reference_gguf(base, adapter, tmp_path, outtype, dtype))
+    reference = reference_gguf(base, adapter, tmp_path, outtype, dtype)
+    assert_same_gguf(ours, reference)
+    if "rope_parameters" in config:  # llama3 rope: the generated tensor, bit for bit the converter's
+        factors = np.asarray(read_gguf(ours)[1]["rope_freqs.weight"].data)
+        assert np.array_equal(
+            factors.view(np.uint32), np.asarray(read_gguf(reference)[1]["rope_freqs.weight"].data).view(np.uint32)
+        )
+        assert factors.shape == (8,) and factors.min() == 1.0 and factors.max() == 8.0
+        assert ((factors > 1) & (factors < 8)).any()  # the smooth blend too
 
 
 def test_outtype_auto_follows_the_base_dtype(tmp_path, monkeypatch):
@@ -258,7 +275,10 @@ def test_phi3_gguf_equals_llama_cpp_conversion_of_peft_merge(case, tmp_path, mon
     reference = reference_gguf(base, adapter, tmp_path, outtype, dtype)
     assert_same_gguf(ours, reference)
     fields, tensors = read_gguf(ours)
-    if "rope_parameters" in config:  # the generated tensors and key are there (and equal the converter's, above)
+    if "rope_parameters" in config:  # the generated tensors and key are there, bit for bit the converter's
         assert list(tensors)[:2] == ["rope_factors_long.weight", "rope_factors_short.weight"]
+        _, ref_tensors = read_gguf(reference)
+        for name in ("rope_factors_long.weight", "rope_factors_short.weight"):
+            assert np.asarray(tensors[name].data).tobytes() == np.asarray(ref_tensors[name].data).tobytes(), name
         assert np.array_equal(np.asarray(tensors["rope_factors_long.weight"].data), LONGROPE["long_factor"])
         assert "phi3.rope.scaling.attn_factor" in fields

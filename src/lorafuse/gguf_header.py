@@ -267,6 +267,38 @@ def phi3_rope_factors(params: dict[str, Any], folder: Path) -> RopeFactors | Non
     return RopeFactors(attn_factor, np.asarray(long, dtype=np.float32), np.asarray(short, dtype=np.float32))
 
 
+def llama3_rope_freqs(params: dict[str, Any]) -> np.ndarray | None:
+    """The ``rope_freqs.weight`` the converter generates for llama3 rope scaling (None without it): per rotary
+    pair, 1 for short wavelengths, the factor for long ones, a smooth blend between. Computed in torch float32 as
+    the converter computes it (its rounding of the pow and divisions decides the bits); torch is already loaded by
+    the transformers config reader."""
+    rope = rope_parameters(params)
+    rope = rope.get("full_attention", rope)
+    if str(rope.get("rope_type") or "").lower() != "llama3":
+        return None
+    from .torch_bridge import require_torch
+
+    torch = require_torch("GGUF output of llama3 rope scaling")
+    base = rope.get("rope_theta", 10000.0)
+    dim = params.get("head_dim")
+    if dim is None:
+        dim = params["hidden_size"] // params["num_attention_heads"]
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    context = rope.get("original_max_position_embeddings", 8192)
+    factors: list[Any] = []
+    for freq in 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)):
+        wavelen = 2 * math.pi / freq  # a float32 tensor, as the converter's
+        if wavelen < context / high:
+            factors.append(1)
+        elif wavelen > context / low:
+            factors.append(factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32).numpy()
+
+
 def add_hparams(writer: Any, spec: GGUFArch, params: dict[str, Any], folder: Path, file_type: Any) -> None:
     """The ``<arch>.*`` hyperparameters and ``general.file_type`` (a key written twice keeps its first place and
     its last value, as in the converter)."""
@@ -350,6 +382,18 @@ def tensor_nbytes(shape: tuple[int, ...], qtype: Any) -> int:
     return int(np.prod(shape, dtype=np.int64)) // block_size * type_size
 
 
+def generated_tensors(spec: GGUFArch, params: dict[str, Any], folder: Path | None) -> list[tuple[str, np.ndarray]]:
+    """The tensors the converter makes from the config rather than the checkpoint (GGUF name, float32 values):
+    llama3 rope scaling's ``rope_freqs.weight``, a long-context Phi-3's rope factors."""
+    gguf = require_gguf()
+    made: list[tuple[str, np.ndarray]] = []
+    if spec.params == "phi3" and folder is not None and (factors := phi3_rope_factors(params, folder)) is not None:
+        made = [("ROPE_FACTORS_LONG", factors.long), ("ROPE_FACTORS_SHORT", factors.short)]
+    if spec.llama_params and (freqs := llama3_rope_freqs(params)) is not None:
+        made = [("ROPE_FREQS", freqs)]
+    return [(gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, key)] + ".weight", values) for key, values in made]
+
+
 def plan_tensors(
     spec: GGUFArch,
     params: dict[str, Any],
@@ -357,20 +401,17 @@ def plan_tensors(
     outtype: str,
     folder: Path | None = None,
 ) -> list[GGUFTensor]:
-    """The GGUF tensors of checkpoint tensors ``sources`` (name, shape), in their order (dropped ones left out);
-    ``folder``: the model's, for an architecture whose embedding keeps only its tokenizer's rows."""
+    """The GGUF tensors of checkpoint tensors ``sources`` (name, shape), in their order (dropped ones left out),
+    after the ones the converter generates (:func:`generated_tensors`); ``folder``: the model's, for an
+    architecture whose embedding keeps only its tokenizer's rows and for Phi-3's rope factors."""
     from .gguf_vocab import real_vocab_size
 
     blocks = find(params, BLOCK_COUNT)
     tensors = []
-    factors = phi3_rope_factors(params, folder) if spec.params == "phi3" and folder is not None else None
-    if factors is not None:  # generated before the checkpoint's tensors, as the converter yields them
-        gguf = require_gguf()
-        for key, values in (("ROPE_FACTORS_LONG", factors.long), ("ROPE_FACTORS_SHORT", factors.short)):
-            name = gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, key)] + ".weight"
-            qtype = gguf.GGMLQuantizationType.F32
-            shape = values.shape
-            tensors.append(GGUFTensor(name, name, qtype, shape, tensor_nbytes(shape, qtype), None, generated=values))
+    for name, values in generated_tensors(spec, params, folder):  # first, as the converter yields them
+        qtype = require_gguf().GGMLQuantizationType.F32
+        tensors.append(GGUFTensor(name, name, qtype, values.shape, tensor_nbytes(values.shape, qtype), None,
+                                  generated=values))  # fmt: skip
     for source, shape in sources:
         name = gguf_tensor_name(spec, blocks, source)
         if name is None:
@@ -500,8 +541,8 @@ def base_header(
             qtype = fallback
             requantized.append(f"{raw.name} ({raw.qtype.name})")
         nbytes = raw.nbytes if qtype == raw.qtype else tensor_nbytes(raw.shape, qtype)
-        t = GGUFTensor(
-            source, raw.name, qtype, raw.shape, nbytes, raw.heads, raw=(raw.offset, raw.nbytes) if keep else None
+        t = GGUFTensor(  # a merged Gemma norm gets the converter's shift back (raw.shift)
+            source, raw.name, qtype, raw.shape, nbytes, raw.heads, raw.shift, (raw.offset, raw.nbytes) if keep else None
         )
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
         tensors.append(t)

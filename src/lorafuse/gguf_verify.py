@@ -17,17 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .arrays import F32
 from .conv1d import conv1d_modules as parse_conv1d_modules
 from .engine.kernel import compute_tensor, copied
 from .errors import LorafuseError
+from .gguf_quant import quantize
 from .io.checkpoint import open_model
 from .io.extra_files import read_json
-from .io.gguf_checkpoint import GGUFCheckpoint, RawTensor
+from .io.gguf_checkpoint import HF_EMBEDDING, GGUFCheckpoint, RawTensor
 from .names.gguf import DROPPED_SUFFIXES, require_gguf
 from .plan import MergePlan, OutputTensor, build_plan
 from .sources import resolve_merge_inputs
 from .verify import WORST_SHOWN, OutputCheck, TensorResult, VerifyReport, _close_adapter, _load_adapters
+from .writers.gguf import shifted
 
 NO_OUTPUT_CHECK = "no output-level check for a GGUF (it needs llama.cpp to run the model)"
 EXACT_TYPES = ("F32", "F16", "BF16")
@@ -72,9 +73,12 @@ def verify_gguf(
             if out.name in merged_ckpt
             else TensorResult(out.name, bool(out.edits), False, problem="missing from the merged GGUF")
             for out in plan.tensors
-            if not out.name.endswith(DROPPED_SUFFIXES)  # buffers llama.cpp's converter leaves out
+            # buffers llama.cpp's converter leaves out, and tensors its architecture has not (Gemma2's lm_head)
+            if not out.name.endswith(DROPPED_SUFFIXES) and out.name not in merged_ckpt.spec.dropped
         ]
-        planned = {out.name for out in plan.tensors}
+        generated = _generated_tensors(folder) if folder is not None else {}
+        results += [_check_generated(merged_ckpt, name, values) for name, values in generated.items()]
+        planned = {out.name for out in plan.tensors} | set(generated)
         results += [
             TensorResult(name, False, False, problem="not in base + adapters (unexpected tensor)")
             for name in merged_ckpt.keys()
@@ -114,6 +118,22 @@ def verify_gguf(
     )
 
 
+def _generated_tensors(folder: Path) -> dict[str, np.ndarray]:
+    """The tensors llama.cpp's converter makes from model ``folder``'s config (llama3 rope_freqs, ...)."""
+    from .gguf_header import generated_tensors, load_hparams
+    from .names.gguf import gguf_arch_of
+
+    params = load_hparams(folder)
+    return dict(generated_tensors(gguf_arch_of(params, str(folder / "config.json")), params, folder))
+
+
+def _check_generated(merged: GGUFCheckpoint, name: str, values: np.ndarray) -> TensorResult:
+    if name not in merged:
+        return TensorResult(name, False, False, problem="missing from the merged GGUF (the converter writes it)")
+    same = bool(np.array_equal(merged.array(name).reshape(-1), values.reshape(-1)))
+    return TensorResult(name, False, same, problem="" if same else "not the values the config gives")
+
+
 def _same_bytes(base: GGUFCheckpoint, merged: GGUFCheckpoint, a: RawTensor, b: RawTensor) -> bool:
     """Whether tensor ``a`` of ``base`` and ``b`` of ``merged`` are stored alike, byte for byte."""
     if (a.qtype, a.nbytes) != (b.qtype, b.nbytes):
@@ -130,17 +150,22 @@ def _same_bytes(base: GGUFCheckpoint, merged: GGUFCheckpoint, a: RawTensor, b: R
 def _check(plan: MergePlan, merged: GGUFCheckpoint, out: OutputTensor) -> TensorResult:
     raw = merged.raw(out.name)
     touched = bool(out.edits)
-    if tuple(raw.shape) != tuple(out.shape):
+    cut = merged.spec.real_vocab and out.name == HF_EMBEDDING and raw.shape[1:] == tuple(out.shape[1:])
+    if tuple(raw.shape) != tuple(out.shape) and not (cut and raw.shape[0] <= out.shape[0]):
         return TensorResult(out.name, touched, False, problem=f"shape {raw.shape}, expected {tuple(out.shape)}")
     if isinstance(plan.base, GGUFCheckpoint) and copied(out, plan):
         same = _same_bytes(plan.base, merged, plan.base.raw(out.source), raw)
         return TensorResult(out.name, False, same, problem="" if same else "not the GGUF base's bytes")
     gguf = require_gguf()
-    values = np.asarray(compute_tensor(plan, out), dtype=F32).reshape(-1, raw.shape[-1] if raw.shape else 1)
+    computed = np.asarray(compute_tensor(plan, out))
+    # Gemma's norms: compared as stored, shifted as the writer shifts them
+    if cut:  # Gemma3's embedding: the converter keeps the tokenizer's rows only
+        computed = computed[: raw.shape[0]]
+    values = shifted(computed, raw.shift).reshape(-1, raw.shape[-1] if raw.shape else 1)
     if not np.isfinite(values).all():
         return TensorResult(out.name, touched, False, problem="the recomputed tensor holds NaN or Inf")
-    want = gguf.quants.dequantize(gguf.quants.quantize(values, raw.qtype), raw.qtype).reshape(-1)
-    got = merged.array(out.name).reshape(-1)
+    want = gguf.quants.dequantize(quantize(values, raw.qtype), raw.qtype).reshape(-1)
+    got = merged.array(out.name, stored=True).reshape(-1)
     values = values.reshape(-1)
     error = float(np.abs(got - values).max()) if values.size else 0.0
     if raw.qtype.name in EXACT_TYPES:

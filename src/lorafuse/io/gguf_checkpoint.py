@@ -20,6 +20,7 @@ from ..names.gguf import (
     gguf_arch_named,
     hf_architecture,
     hf_names,
+    norm_shift,
     qk_heads_of_gguf,
     qk_row_order,
     require_gguf,
@@ -40,6 +41,7 @@ class RawTensor:
     offset: int  # absolute
     nbytes: int
     heads: int | None  # q/k of a rope model: the head count its rows were reordered by
+    shift: float = 0.0  # what the converter added to the values (Gemma's norms): taken off as they are read
 
 
 class GGUFCheckpoint(Checkpoint):
@@ -75,7 +77,9 @@ class GGUFCheckpoint(Checkpoint):
             shape = tuple(int(n) for n in reversed(t.shape.tolist()))
             hf = names.get(t.name, t.name)  # tensors transformers has no name for (rope_freqs) keep theirs
             moved = heads.get(t.name.split(".")[-2]) if self.spec.permute_qk and "." in t.name else None
-            self.raws[hf] = RawTensor(t.name, t.tensor_type, shape, int(t.data_offset), int(t.n_bytes), moved)
+            self.raws[hf] = RawTensor(
+                t.name, t.tensor_type, shape, int(t.data_offset), int(t.n_bytes), moved, norm_shift(self.spec, hf)
+            )
             count = int(np.prod(shape, dtype=np.int64))
             self.infos[hf] = TensorInfo(hf, path, "F32", shape, -1, count * 4)
         del reader  # its memory map: rows are read with pread
@@ -104,8 +108,9 @@ class GGUFCheckpoint(Checkpoint):
     def is_safetensors(self) -> bool:
         return False
 
-    def _rows(self, raw: RawTensor, first: int, last: int) -> np.ndarray:
-        """GGUF rows ``first:last`` (along the first numpy axis) dequantized, as (rows, rest) float32."""
+    def _rows(self, raw: RawTensor, first: int, last: int, stored: bool = False) -> np.ndarray:
+        """GGUF rows ``first:last`` (along the first numpy axis) dequantized, as (rows, rest) float32; the
+        converter's shift taken off unless ``stored``."""
         gguf = require_gguf()
         rows = raw.shape[0] if raw.shape else 1
         row_bytes = raw.nbytes // max(rows, 1)
@@ -124,13 +129,17 @@ class GGUFCheckpoint(Checkpoint):
             raise InputError(
                 f"{self.files[0]}: tensor {raw.name} is {raw.qtype.name}, which gguf-py cannot read"
             ) from None
-        return np.asarray(values, dtype=np.float32).reshape(last - first, cols)
+        values = np.asarray(values, dtype=np.float32).reshape(last - first, cols)
+        if raw.shift and not stored:  # Gemma's norms: llama.cpp stores 1 + weight, transformers the weight
+            values = values - np.float32(raw.shift)
+        return values
 
-    def array(self, name: str) -> np.ndarray:
-        """Tensor ``name`` in transformers' row order, float32."""
+    def array(self, name: str, stored: bool = False) -> np.ndarray:
+        """Tensor ``name`` in transformers' row order, float32: its transformers values, or with ``stored`` the
+        values the file holds (Gemma's norms still shifted)."""
         raw = self.raws[name]
         rows = raw.shape[0] if raw.shape else 1
-        values = self._rows(raw, 0, rows)
+        values = self._rows(raw, 0, rows, stored)
         if raw.heads is not None:  # GGUF row r holds transformers row order[r]
             restored = np.empty_like(values)
             restored[qk_row_order(rows, raw.heads)] = values

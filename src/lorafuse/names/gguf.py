@@ -41,8 +41,8 @@ class GGUFArch:
     is written (gguf_header.py: the generic text model's, or an architecture's own); ``norm_shift``: added to
     every ``*norm.weight`` (Gemma's RMSNorm scales by 1 + weight, llama.cpp's by weight); ``dropped``: checkpoint
     tensors the converter leaves out; ``space_prefix``: the ``add_space_prefix`` written after a SentencePiece
-    tokenizer; ``real_vocab``: the embedding keeps only the rows the tokenizer has (Gemma3); ``reads_gguf``: whether
-    a GGUF of it can be read back under transformers names (HF_MODULES below).
+    tokenizer; ``real_vocab``: the embedding keeps only the rows the tokenizer has (Gemma3). A GGUF of each is
+    read back under transformers names (HF_MODULES below), its norm shift taken off.
     """
 
     arch: str
@@ -55,7 +55,6 @@ class GGUFArch:
     dropped: tuple[str, ...] = ()
     space_prefix: bool | None = None
     real_vocab: bool = False
-    reads_gguf: bool = True
 
 
 _LLAMA = GGUFArch("LLAMA", permute_qk=True, vocab=("sentencepiece", "llama_hf", "gpt2"), llama_params=True)
@@ -74,14 +73,11 @@ ARCHITECTURES: dict[str, GGUFArch] = {
         norm_shift=1.0,
         dropped=("lm_head.weight",),  # tied to the embedding in llama.cpp's gemma2
         space_prefix=False,
-        reads_gguf=False,
     ),
-    "Gemma3ForCausalLM": GGUFArch(
-        "GEMMA3", params="gemma3", norm_shift=1.0, space_prefix=False, real_vocab=True, reads_gguf=False
-    ),
+    "Gemma3ForCausalLM": GGUFArch("GEMMA3", params="gemma3", norm_shift=1.0, space_prefix=False, real_vocab=True),
     # fused qkv_proj / gate_up_proj are llama.cpp's attn_qkv / ffn_up as they are; long-context models get
     # generated rope-factor tensors (gguf_header.phi3_rope_factors)
-    "Phi3ForCausalLM": GGUFArch("PHI3", vocab=("phi3",), params="phi3", reads_gguf=False),
+    "Phi3ForCausalLM": GGUFArch("PHI3", vocab=("phi3",), params="phi3"),
 }
 
 # Tensors the converter keeps in float32 whatever the output type (beyond 1-D tensors, norms and biases); the
@@ -104,13 +100,6 @@ def gguf_arch_of(config: dict[str, Any] | None, where: str = "config.json") -> G
         raise LorafuseError(
             f"lorafuse cannot write architecture {name} as GGUF (it writes {', '.join(ARCHITECTURES)}): merge to "
             "safetensors and run llama.cpp's convert_hf_to_gguf.py"
-        )
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = str(rope.get("rope_type", rope.get("type", "")) or "").lower()
-    if rope_type == "llama3":
-        raise LorafuseError(
-            f"{where}: GGUF output of llama3 rope scaling (a generated rope_freqs tensor) is not implemented: merge "
-            "to safetensors and run llama.cpp's convert_hf_to_gguf.py"
         )
     if config.get("vocab_size") == 32016:
         raise LorafuseError(
@@ -183,7 +172,7 @@ def qk_row_order(rows: int, heads: int) -> np.ndarray:
 
 
 # GGUF -> transformers names, for reading a GGUF base: ``gguf.MODEL_TENSOR`` member -> the transformers module
-# of the architectures above (all of them share the Llama layout).
+# of the architectures above (the Llama layout; HF_MODULES_OF: where an architecture's modules differ).
 HF_MODULES: dict[str, str] = {
     "TOKEN_EMBD": "model.embed_tokens",
     "OUTPUT_NORM": "model.norm",
@@ -200,11 +189,22 @@ HF_MODULES: dict[str, str] = {
     "FFN_UP": "model.layers.{bid}.mlp.up_proj",
     "FFN_DOWN": "model.layers.{bid}.mlp.down_proj",
 }
+_GEMMA_NORMS = {  # Gemma's four norms a layer: post_attention_layernorm is after attention, not before the MLP
+    "ATTN_POST_NORM": "model.layers.{bid}.post_attention_layernorm",
+    "FFN_PRE_NORM": "model.layers.{bid}.pre_feedforward_layernorm",  # named ffn_norm, as FFN_NORM is
+    "FFN_POST_NORM": "model.layers.{bid}.post_feedforward_layernorm",
+}
+HF_MODULES_OF: dict[str, dict[str, str]] = {
+    "GEMMA2": _GEMMA_NORMS,
+    "GEMMA3": _GEMMA_NORMS,
+    # Phi-3 keeps its fused projections fused: attn_qkv is qkv_proj, ffn_up is gate_up_proj (no ffn_gate)
+    "PHI3": {"ATTN_QKV": "model.layers.{bid}.self_attn.qkv_proj", "FFN_UP": "model.layers.{bid}.mlp.gate_up_proj"},
+}
 
 
 def gguf_arch_named(arch: str, where: str) -> GGUFArch:
     """The conversion behind a GGUF file's ``general.architecture``; a one-line error for one not listed."""
-    by_name = {spec.arch.lower(): spec for spec in ARCHITECTURES.values() if spec.reads_gguf}
+    by_name = {spec.arch.lower(): spec for spec in ARCHITECTURES.values()}
     spec = by_name.get(arch)
     if spec is None:
         raise LorafuseError(
@@ -220,18 +220,23 @@ def hf_architecture(spec: GGUFArch) -> str:
 
 
 def hf_names(spec: GGUFArch, blocks: int) -> dict[str, str]:
-    """GGUF tensor name -> transformers name, for every weight and bias of ``blocks`` layers."""
+    """GGUF tensor name -> transformers name, for every weight and bias of ``blocks`` layers: the inverse of the
+    name map the converter writes with (an entry is kept only where that map sends the transformers name back to
+    the GGUF name, so reading and writing cannot disagree)."""
     gguf = require_gguf()
     known = gguf.MODEL_TENSORS[getattr(gguf.MODEL_ARCH, spec.arch)]
+    forward = _name_map(spec.arch, blocks)
     names = {}
-    for key, module in HF_MODULES.items():
+    for key, module in {**HF_MODULES, **HF_MODULES_OF.get(spec.arch, {})}.items():
         member = getattr(gguf.MODEL_TENSOR, key)
         if member not in known:
             continue
         template = gguf.TENSOR_NAMES[member]
         for bid in range(blocks) if "{bid}" in template else [None]:
             for suffix in (".weight", ".bias"):
-                names[template.format(bid=bid) + suffix] = module.format(bid=bid) + suffix
+                hf = module.format(bid=bid) + suffix
+                if forward.get_name(key=hf, try_suffixes=(".weight", ".bias")) == template.format(bid=bid) + suffix:
+                    names[template.format(bid=bid) + suffix] = hf
     return names
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..arrays import dtype_of
 from ..errors import LorafuseError
+from ..gguf_quant import quantize
 from ..io.layout import Slot
 from ..io.writer import copy_file_range, pwrite_all
 from ..names.gguf import GGUF_EXTRA, qk_row_order, require_gguf
@@ -119,6 +120,18 @@ def to_f16(values: np.ndarray) -> np.ndarray:
     return torch.from_numpy(values).to(torch.float16).numpy()
 
 
+def shifted(stored: np.ndarray, shift: float) -> np.ndarray:
+    """``stored`` as float32 plus ``shift`` (Gemma's norms) where the converter adds it: in the stored precision
+    for float16/float32 (torch keeps those as they are), after the float32 cast for the rest."""
+    native = stored.dtype.name in ("float16", "float32")
+    if shift and native:
+        stored = stored + stored.dtype.type(shift)
+    values = stored.astype(np.float32)
+    if shift and not native:
+        values += np.float32(shift)
+    return values
+
+
 class _Held:
     """A q/k tensor collected whole (its rows move), in float32."""
 
@@ -168,12 +181,7 @@ class GGUFSink:
         if t.qtype == self.gguf.GGMLQuantizationType.F16 and t.heads is None and not t.shift:
             self._put(t, stored, first)  # one cast, no float32 copy (to_f16 rounds as the float32 route does)
             return
-        native = dtype.name in ("float16", "float32")  # the converter keeps these as stored, casts the rest to fp32
-        if t.shift and native:
-            stored = stored + dtype.type(t.shift)  # so it adds Gemma's norm shift in the stored precision
-        values = stored.astype(np.float32)
-        if t.shift and not native:
-            values += np.float32(t.shift)
+        values = shifted(stored, t.shift)
         if t.heads is not None:
             self._hold(t, values, first)
             return
@@ -191,7 +199,7 @@ class GGUFSink:
         if t.qtype == self.gguf.GGMLQuantizationType.F16:
             out = to_f16(values)
         else:
-            out = np.ascontiguousarray(self.gguf.quants.quantize(values, t.qtype))
+            out = quantize(values, t.qtype)
         pwrite_all(self.fd, memoryview(out).cast("B"), t.offset + first // block_size * type_size)
 
     def _hold(self, t: GGUFTensor, values: np.ndarray, first: int) -> None:
