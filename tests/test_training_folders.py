@@ -111,7 +111,7 @@ def test_the_latest_checkpoint_by_step_is_merged_and_named(trained, tmp_path, ca
     merged = tmp_path / "merged"
     assert main(["merge", str(base), str(out), "-o", str(merged), "--dtype", "fp32"]) == 0
     err = capsys.readouterr().err
-    assert f"merging its latest checkpoint, checkpoint-10 (step {STEPS}" in err
+    assert f"taking its latest checkpoint, checkpoint-10 (step {STEPS}" in err
     _assert_merged_from(merged, base, out / "checkpoint-10")
     # The wrong choices would give other weights: the checkpoints differ (the test can fail).
     nine, ten = (read_tensors(out / f"checkpoint-{s}") for s in (9, 10))
@@ -248,7 +248,7 @@ def test_verify_names_the_checkpoint_it_took_in_its_report(trained, tmp_path, ca
     lines = capsys.readouterr().out.splitlines()
     assert f"adapters     {out / 'checkpoint-10'} (weight 1)" in lines
     assert (
-        f"note: {out} is a training output folder: merging its latest checkpoint, checkpoint-10 (step 10"
+        f"note: {out} is a training output folder: taking its latest checkpoint, checkpoint-10 (step 10"
         in "\n".join(lines)
     )
     assert main(verify) == 0  # what lorafuse_merge.json records: the checkpoint itself

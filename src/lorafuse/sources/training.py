@@ -86,7 +86,7 @@ def training_choice(folder: Path) -> TrainingChoice | None:
             folder,
             None,
             f"{folder} is a training output folder with an adapter at its top level (the final one the trainer "
-            f"saved): merging that one, not its checkpoints ({names}); pass {checkpoints[-1][1]} for the latest",
+            f"saved): taking that one, not its checkpoints ({names}); pass {checkpoints[-1][1]} for the latest",
         )
     step, latest = checkpoints[-1]
     if not _holds_adapter(latest):
@@ -94,7 +94,7 @@ def training_choice(folder: Path) -> TrainingChoice | None:
             f"{latest}, the latest checkpoint in the training output {folder}, holds no adapter ({CONFIG_NAME} and "
             "adapter_model.safetensors): pass the checkpoint folder of the adapter to merge"
         )
-    note = f"{folder} is a training output folder: merging its latest checkpoint, {latest.name} (step {step}"
+    note = f"{folder} is a training output folder: taking its latest checkpoint, {latest.name} (step {step}"
     note += f"; it holds {names})" if len(checkpoints) > 1 else ")"
     best = _best_checkpoint(latest / TRAINER_STATE)
     if best is not None and best != latest.name:
