@@ -39,19 +39,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return json.load(handle)
 
 
-def _sentencepiece(writer: Any, folder: Path, hparams: dict[str, Any]) -> None:
-    gguf = require_gguf()
-    model = folder / "tokenizer.model"
-    if not model.is_file():
-        raise NotThisReader
-    try:
-        from sentencepiece import SentencePieceProcessor
-    except ImportError:
-        raise LorafuseError(f"{model} is a SentencePiece tokenizer: {GGUF_EXTRA} (sentencepiece)") from None
-    sp = SentencePieceProcessor()
-    sp.LoadFromFile(str(model))
-    types = gguf.TokenType
-    size = hparams.get("vocab_size_per_layer_input") or hparams.get("vocab_size") or sp.vocab_size()
+def _sentencepiece_pieces(sp: Any, size: int, folder: Path, types: Any) -> tuple[list[bytes], list[float], list[Any]]:
+    """``size`` (tokens, scores, types) from a SentencePiece model, padded with ``[PADn]`` as the converter pads
+    them, then ``added_tokens.json``'s tokens (ids past ``size`` skipped, as the converter skips them)."""
     tokens = [f"[PAD{i}]".encode() for i in range(size)]
     scores = [-10000.0] * size
     kinds = [types.UNUSED] * size
@@ -69,6 +59,23 @@ def _sentencepiece(writer: Any, folder: Path, hparams: dict[str, Any]) -> None:
     for text, i in (_read_json(folder / "added_tokens.json") or {}).items():
         if i < size:
             tokens[i], scores[i], kinds[i] = text.encode(), -1000.0, types.USER_DEFINED
+    return tokens, scores, kinds
+
+
+def _sentencepiece(writer: Any, folder: Path, hparams: dict[str, Any]) -> None:
+    gguf = require_gguf()
+    model = folder / "tokenizer.model"
+    if not model.is_file():
+        raise NotThisReader
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:
+        raise LorafuseError(f"{model} is a SentencePiece tokenizer: {GGUF_EXTRA} (sentencepiece)") from None
+    sp = SentencePieceProcessor()
+    sp.LoadFromFile(str(model))
+    types = gguf.TokenType
+    size = hparams.get("vocab_size_per_layer_input") or hparams.get("vocab_size") or sp.vocab_size()
+    tokens, scores, kinds = _sentencepiece_pieces(sp, size, folder, types)
     decoder = (_read_json(folder / "tokenizer_config.json") or {}).get("added_tokens_decoder", {})
     for key, data in decoder.items():
         i, text = int(key), data["content"]
@@ -179,23 +186,7 @@ def _phi3(writer: Any, folder: Path, hparams: dict[str, Any]) -> None:
     size = hparams.get("vocab_size", sp.vocab_size())
     if sp.vocab_size() > size:
         raise LorafuseError(f"{model} has {sp.vocab_size()} tokens, more than the config's vocab_size {size}")
-    tokens = [f"[PAD{i}]".encode() for i in range(size)]
-    scores = [-10000.0] * size
-    kinds = [types.UNUSED] * size
-    for i in range(sp.vocab_size()):
-        kind = types.NORMAL
-        if sp.IsUnknown(i):
-            kind = types.UNKNOWN
-        elif sp.IsControl(i):
-            kind = types.CONTROL
-        elif sp.IsUnused(i):
-            kind = types.UNUSED
-        elif sp.IsByte(i):
-            kind = types.BYTE
-        tokens[i], scores[i], kinds[i] = sp.IdToPiece(i).encode(), sp.GetScore(i), kind
-    for text, i in (_read_json(folder / "added_tokens.json") or {}).items():
-        if i < size:  # the converter skips ids past the vocabulary here
-            tokens[i], scores[i], kinds[i] = text.encode(), -1000.0, types.USER_DEFINED
+    tokens, scores, kinds = _sentencepiece_pieces(sp, size, folder, types)
     added = [(int(k), d) for k, d in ((config or {}).get("added_tokens_decoder") or {}).items()]
     added += [(int(d["id"]), d) for d in (_read_json(folder / "tokenizer.json") or {}).get("added_tokens", [])]
     for i, data in added:
