@@ -121,3 +121,25 @@ def test_checks_and_names():
     assert arrays.short_name(arrays.BF16) == "bfloat16" == str(torch.bfloat16).removeprefix("torch.")
     assert arrays.code_of(arrays.dtype_of("F8_E4M3")) == "F8_E4M3"
     assert arrays.nbytes_of(arrays.BF16, (3, 4)) == 24
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, (1 << 20) + 1])
+def test_fp16_rounding_equals_numpy_cast_on_any_bits(size):
+    # Uniform over every non-NaN fp32 bit pattern (subnormals, overflow to Inf, both signs), odd sizes included:
+    # the complex32 pairs path must give numpy's own cast's bits.
+    bits = np.random.default_rng(size).integers(0, 1 << 32, size, dtype=np.uint64).astype(np.uint32)
+    values = bits.view(np.float32)
+    values = np.where(np.isnan(values), np.float32(1.5), values)
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float16)
+        ours = arrays.round_to(values, arrays.F16)
+        strided = arrays.round_to(values[::2], arrays.F16)
+    assert np.array_equal(ours.view(np.uint16), expected.view(np.uint16))
+    assert np.array_equal(strided.view(np.uint16), expected[::2].view(np.uint16))
+
+
+def test_fp16_rounding_of_rows_into_a_buffer():
+    values = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    out = np.empty((3, 5), dtype=np.float16)
+    assert arrays.round_to(values, arrays.F16, out=out) is out
+    assert np.array_equal(out.view(np.uint16), values.astype(np.float16).view(np.uint16))

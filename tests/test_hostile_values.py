@@ -259,9 +259,7 @@ def test_single_file_lora_with_broken_values_is_refused(kind, alpha, shapes, nee
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
-@pytest.mark.parametrize(
-    "kind", ["merge", "lora-merger", "combine", "verify"]
-)  # merge-adapter has no strength flag
+@pytest.mark.parametrize("kind", ["merge", "lora-merger", "combine", "verify"])  # merge-adapter has no strength flag
 def test_non_finite_strength_is_refused(kind, value, base, good_adapter, tmp_path, monkeypatch):
     inputs = snapshot(base, good_adapter)
     out = tmp_path / "out"
@@ -546,7 +544,8 @@ def test_a_shard_size_too_large_for_a_float_is_one_line(tmp_path):
 
     example = Path(__file__).resolve().parent.parent / "examples" / "tiny"
     size = "9" * 400 + "GB"
-    result = run_command("lorafuse", "merge", example / "base", example / "adapter", "-o", tmp_path / "out",
-                         "--max-shard-size", size)
+    result = run_command(
+        "lorafuse", "merge", example / "base", example / "adapter", "-o", tmp_path / "out", "--max-shard-size", size
+    )
     assert_refused(result, "cannot read size")
     assert_no_litter(tmp_path)

@@ -27,6 +27,7 @@ needs_git_lfs = pytest.mark.skipif(
     reason="git-lfs is not installed (apt-get install git-lfs); CI installs it and runs these tests",
 )
 
+
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory):
     root = tmp_path_factory.mktemp("git")

@@ -23,8 +23,7 @@ from .layout import Slot, layout_shards, parse_size, safetensors_header, shard_n
 from .model_files import find_model_weights
 from .output import AtomicOutput, OutputState, check_output, describe_os_error
 from .safetensors_header import read_raw_header
-
-COPY_CHUNK = 128 << 20  # bytes per copy_file_range call: the cancel flag is checked between calls
+from .writer import copy_piece, file_lock
 
 
 def file_id(path: Path | str) -> tuple[int, int]:
@@ -129,20 +128,11 @@ class Prefill:
         return shards
 
     def _copy(self, name: str, src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int) -> bool:
-        done = 0
+        lock, done = file_lock(dst), 0
         while done < nbytes:
             if self._cancelled:
                 return False
-            size = min(COPY_CHUNK, nbytes - done)
-            try:
-                n = os.copy_file_range(src, dst, size, src_offset + done, dst_offset + done)
-            except OSError:
-                n = 0
-            if n <= 0:  # not supported here (e.g. across file systems): plain read and write
-                chunk = os.pread(src, size, src_offset + done)
-                if not chunk:
-                    raise LorafuseError("a base weight file ended early while it was being copied")
-                n = os.pwrite(dst, chunk, dst_offset + done)
+            n = copy_piece(src, src_offset + done, dst, dst_offset + done, nbytes - done, lock)
             done += n
             if self.on_copy is not None:
                 self.on_copy(name, n)

@@ -13,6 +13,8 @@ import fcntl
 import os
 import sys
 
+from .writer import file_lock
+
 F_SETPIPE_SZ = 1031
 PIPE_BYTES = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 
@@ -51,7 +53,7 @@ class SpliceWriter:
     def write(self, fd: int, data: memoryview, offset: int) -> None:
         """Write ``data`` (a writable, contiguous buffer) at ``offset`` of ``fd``; the pipe is empty on return."""
         address = ctypes.addressof(ctypes.c_char.from_buffer(data))
-        done, total = 0, len(data)
+        done, total, lock = 0, len(data), file_lock(fd)
         while done < total:
             vec = _IOVec(address + done, min(self.capacity, total - done))
             n = _VMSPLICE(self._write, ctypes.byref(vec), 1, 0)
@@ -59,8 +61,9 @@ class SpliceWriter:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err))
             moved = 0
-            while moved < n:  # drain before the next vmsplice: the pipe must not outlive the caller's buffer
-                moved += os.splice(self._read, fd, n - moved, offset_dst=offset + done + moved)
+            with lock:  # one pipe's worth per turn (io/writer.py)
+                while moved < n:  # drain before the next vmsplice: the pipe must not outlive the caller's buffer
+                    moved += os.splice(self._read, fd, n - moved, offset_dst=offset + done + moved)
             done += n
 
     def close(self) -> None:
