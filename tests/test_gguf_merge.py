@@ -207,7 +207,7 @@ def test_cli_writes_gguf(tmp_path, monkeypatch):
 
 
 def test_fast_f16_cast_rounds_as_numpy_does():
-    """writers/gguf.to_f16 (torch's cast when torch is loaded) gives numpy's bits: random finite fp32 patterns,
+    """writers/gguf.to_f16 (ml_dtypes' casts) gives numpy's bits: random finite fp32 patterns,
     f16 subnormals, ties and overflow."""
     from lorafuse.writers.gguf import to_f16
 

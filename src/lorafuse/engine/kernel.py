@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..arrays import F32, check_values, decode_f32, round_to
+from ..arrays import F32, check_values, checked_round, decode_f32
 from ..edits import Array, BiasDelta, BlockOps, Edit, FullDiff, LoraDelta
 from ..errors import LorafuseError
 from ..io.layout import Slot
@@ -57,14 +57,20 @@ SCAN_GROUP_BYTES = 256 << 20  # untouched tensors per scan job: the threads shar
 
 
 class Writer(Protocol):
-    """Where a kernel puts a tensor's bytes (io/writer.py)."""
+    """Where a kernel puts a tensor's bytes (io/writer.py). A writer may also have ``submit(slot, data, at)``,
+    which returns a ``threading.Event`` set once ``data`` is written by its writer thread (or None when written
+    already), and ``flush()``, which waits for all of them and raises a failed one (writers/safetensors.py)."""
 
     def holds(self, slot: Slot, path: Path, offset: int) -> bool: ...
     def write(self, slot: Slot, data: memoryview, at: int = 0) -> None: ...
     def copy(self, slot: Slot, src_fd: int, src_offset: int) -> None: ...
 
 
-Emit = Callable[[int, memoryview], None]  # (byte offset in the tensor, bytes)
+# (byte offset in the tensor, bytes) -> None when the bytes are written, or an event set once they are (the
+# buffer is not reused before).
+Emit = Callable[[int, memoryview], "threading.Event | None"]
+# Output buffers per merge thread: while the writer thread writes one or two, the thread rounds into the next.
+OUT_BUFFERS = 3
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -146,7 +152,8 @@ class RowMerger:
         self._raw = np.empty(0, dtype=np.uint8)  # base rows as read
         self._block = np.empty(0, dtype=F32)  # fp32 math
         self._base = np.empty(0, dtype=F32)  # unedited rows, for an edit that needs them after another one
-        self._out = np.empty(0, dtype=np.uint8)  # rounded rows as written
+        self._outs = [np.empty(0, dtype=np.uint8) for _ in range(OUT_BUFFERS)]  # rounded rows as written
+        self._pending: list[threading.Event | None] = [None] * OUT_BUFFERS  # their writes not yet done
 
     @staticmethod
     def _fit(buffer: np.ndarray, size: int) -> np.ndarray:
@@ -158,10 +165,12 @@ class RowMerger:
             self._merge(out, emit, stopped)
         finally:
             self.ops.forget()
-            for name in ("_raw", "_block", "_base", "_out"):
+            for name in ("_raw", "_block", "_base"):
                 buffer = getattr(self, name)
                 if buffer.nbytes > KEEP_BUFFER_BYTES:  # a whole-tensor block: do not keep it
                     setattr(self, name, np.empty(0, dtype=buffer.dtype))
+            # One still being written stays alive through its memoryview until it is.
+            self._outs = [b if b.nbytes <= KEEP_BUFFER_BYTES else np.empty(0, dtype=b.dtype) for b in self._outs]
 
     def _merge(self, out: OutputTensor, emit: Emit, stopped: Callable[[], bool]) -> None:
         base, info = self.plan.base, self.plan.base.infos[out.source]
@@ -176,11 +185,13 @@ class RowMerger:
         out_size = np.dtype(out.dtype).itemsize
         self._block = self._fit(self._block, step * cols)
         self._raw = self._fit(self._raw, step * cols * info.dtype.itemsize)
-        if out.dtype != F32:
-            self._out = self._fit(self._out, step * cols * out_size)
-        for start in range(0, rows, step):
+        for index, start in enumerate(range(0, rows, step)):
             if stopped():
                 return
+            ring = index % OUT_BUFFERS
+            if self._pending[ring] is not None:
+                self._pending[ring].wait()  # its last write is done: the buffer may be reused
+                self._pending[ring] = None
             stop = min(rows, start + step)
             n = stop - start
             block = self._block[: n * cols].reshape(n, cols)
@@ -192,12 +203,16 @@ class RowMerger:
             apply_edits(out, block, start, self.ops, self._snapshot)
             if out.encode is not None:  # an fp8 base written in fp8: divided by the new scale (quantized.py)
                 out.encode.apply(block)
-            check_values(out.name, block, out.dtype, nonfinite_ok=not out.edits)
             if out.dtype == F32:
-                data = block
-            else:
-                data = round_to(block, out.dtype, out=self._out[: n * cols * out_size].view(out.dtype).reshape(n, cols))
-            emit(start * cols * out_size, array_bytes(data))
+                check_values(out.name, block, out.dtype, nonfinite_ok=not out.edits)
+                written = emit(start * cols * out_size, array_bytes(block))
+                if written is not None:
+                    written.wait()  # the block buffer is the next block's
+                continue
+            self._outs[ring] = self._fit(self._outs[ring], step * cols * out_size)
+            data = self._outs[ring][: n * cols * out_size].view(out.dtype).reshape(n, cols)
+            checked_round(out.name, block, out.dtype, data, nonfinite_ok=not out.edits)
+            self._pending[ring] = emit(start * cols * out_size, array_bytes(data))
 
     def _snapshot(self, block: np.ndarray) -> np.ndarray:
         self._base = self._fit(self._base, block.size)
@@ -361,9 +376,14 @@ def run(
 
         return run_body
 
+    submit = getattr(writer, "submit", None)
+
     @job
     def merge_job(out: OutputTensor, slot: Slot) -> None:
-        merger(out).merge(out, lambda at, data: writer.write(slot, data, at), failed.is_set)
+        if submit is None or gpu:
+            merger(out).merge(out, lambda at, data: writer.write(slot, data, at), failed.is_set)
+        else:
+            merger(out).merge(out, lambda at, data: submit(slot, data, at), failed.is_set)
         done(slot.nbytes)
 
     @job
@@ -394,6 +414,9 @@ def run(
             errors = [f.exception() for f in jobs + scans if f in finished and f.exception() is not None]
             if errors:
                 raise errors[0]
+            flush = getattr(writer, "flush", None)
+            if flush is not None:
+                flush()  # every queued block written (a failed write is this merge's error)
     except BaseException as exc:
         failed.set()  # running jobs stop at their next block; the rest never start
         pool.shutdown(wait=True, cancel_futures=True)

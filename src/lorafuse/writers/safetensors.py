@@ -9,14 +9,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..io.layout import Slot, safetensors_header
-from ..io.splice import SpliceWriter
+from ..io.splice import FreshPageWriter
 from ..io.writer import copy_file_range, pwrite_all
 from .base import ModelWriter, ShardLayout
 
 if TYPE_CHECKING:
     from ..io.prefill import Prefill
-
-SPLICE_MIN_BYTES = 64 << 10  # below this, one pwrite is cheaper than the pipe round trips
 
 
 class SafetensorsWriter(ModelWriter):
@@ -59,9 +57,7 @@ class SafetensorsShardSink:
         self.paths = [folder / n for n in names]
         self.prefill = prefill
         self.fds: list[int] = []
-        self._pipes: list[SpliceWriter] = []
-        self._local = threading.local()
-        self._lock = threading.Lock()
+        self._fresh = FreshPageWriter()
         try:
             for path, shard in zip(self.paths, shards):
                 if prefill is not None:
@@ -80,33 +76,29 @@ class SafetensorsShardSink:
         """True when ``slot`` already receives the bytes at ``offset`` of ``path`` (the prefill copies them)."""
         return self.prefill is not None and self.prefill.holds(slot.name, path, offset)
 
-    def _pipe(self, slot: Slot) -> SpliceWriter | None:
-        if self.prefill is not None and not self.prefill.skipped(slot.name):
-            return None  # existing pages: pwrite, as measured with the prefill
-        if not hasattr(self._local, "pipe"):
-            try:
-                pipe: SpliceWriter | None = SpliceWriter()
-            except OSError:
-                pipe = None
-            self._local.pipe = pipe
-            if pipe is not None:
-                with self._lock:
-                    self._pipes.append(pipe)
-        return self._local.pipe
-
     def write(self, slot: Slot, data: memoryview, at: int = 0) -> None:
         """Write ``data`` at byte ``at`` of ``slot`` (safe from several threads: slots and pieces never overlap)."""
         if self.prefill is not None:
             self.prefill.wait_for(slot.name)  # the prefill must not copy base bytes over what is written here
         fd, offset = self.fds[slot.shard], slot.offset + at
-        pipe = self._pipe(slot)
-        if pipe is not None and not data.readonly and len(data) >= SPLICE_MIN_BYTES:
-            try:
-                pipe.write(fd, data, offset)
-                return
-            except (OSError, TypeError, ValueError):  # refused here: this thread writes with pwrite from now on
-                self._local.pipe = None
-        pwrite_all(fd, data, offset)
+        if self.prefill is not None and not self.prefill.skipped(slot.name):
+            pwrite_all(fd, data, offset)  # existing pages: pwrite, as measured with the prefill
+        else:
+            self._fresh.write(fd, data, offset)
+
+    def submit(self, slot: Slot, data: memoryview, at: int = 0) -> threading.Event | None:
+        """:meth:`write` by the writer thread where the pages are fresh (io/splice.py): returns the event set once
+        ``data`` is written (it must not change until then), or None when written here already."""
+        if self.prefill is not None:
+            self.prefill.wait_for(slot.name)
+            if not self.prefill.skipped(slot.name):
+                pwrite_all(self.fds[slot.shard], data, slot.offset + at)
+                return None
+        return self._fresh.submit(self.fds[slot.shard], data, slot.offset + at)
+
+    def flush(self) -> None:
+        """Wait for every submitted write; raise a failed one."""
+        self._fresh.flush()
 
     def copy(self, slot: Slot, src_fd: int, src_offset: int) -> None:
         """Copy an untouched tensor's bytes file-to-file."""
@@ -115,9 +107,7 @@ class SafetensorsShardSink:
     def close(self) -> None:
         # No fsync, as cp and save_pretrained: forcing gigabytes to disk here would make the merge run at disk
         # speed. The output folder still appears only complete (atomic rename); flushing is left to the OS.
+        self._fresh.close()  # before the files: its thread may be writing into them
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()
-        for pipe in self._pipes:
-            pipe.close()
-        self._pipes.clear()
