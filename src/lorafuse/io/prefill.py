@@ -70,6 +70,7 @@ class Prefill:
         self._error: BaseException | None = None
         self._cancelled = False
         self._skip: set[str] = set()  # slots the merge rewrites whole: not copied (once the plan says so)
+        self._skip_from = 0  # slots from this index on see the skip set when the copy reaches them
         self._skipped: set[str] = set()
         self._created: list[Path] = []
         self._cond = threading.Condition()
@@ -151,11 +152,16 @@ class Prefill:
         """
         with self._cond:
             self._skip |= set(names)
+            self._skip_from = max(self._skip_from, self._done + 1)  # slot _done may be being copied right now
 
     def skipped(self, name: str) -> bool:
-        """True when the slot of ``name`` was left out of the copy (:meth:`skip`): its pages are fresh."""
+        """True when the slot of ``name`` is left out of the copy (:meth:`skip`): its pages are fresh."""
         with self._cond:
-            return name in self._skipped
+            return name in self._skipped or self._will_skip(name)
+
+    def _will_skip(self, name: str) -> bool:
+        """The copy has not reached the slot of ``name`` yet and will skip it (caller holds the condition)."""
+        return name in self._skip and self._order[name] >= self._skip_from and self._error is None
 
     def source(self, name: str) -> tuple[Path, int]:
         """The base file and offset whose bytes go into the slot of ``name``."""
@@ -170,6 +176,8 @@ class Prefill:
         """Block until the slot of ``name`` is copied, so that writing it afterwards is not overwritten."""
         index = self._order[name]
         with self._cond:
+            if self._will_skip(name):
+                return  # never copied: nothing to wait for (the merge writes it into fresh pages)
             self._cond.wait_for(lambda: self._done > index or self._error is not None)
         self._raise()
 
