@@ -282,3 +282,18 @@ def test_phi3_gguf_equals_llama_cpp_conversion_of_peft_merge(case, tmp_path, mon
             assert np.asarray(tensors[name].data).tobytes() == np.asarray(ref_tensors[name].data).tobytes(), name
         assert np.array_equal(np.asarray(tensors["rope_factors_long.weight"].data), LONGROPE["long_factor"])
         assert "phi3.rope.scaling.attn_factor" in fields
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"])
+def test_config_read_in_a_child_equals_transformers_in_process(model_type, tmp_path):
+    """gguf_header's child process (transformers without torch, JSON back) gives the dict the converter reads."""
+    from transformers import AutoConfig
+
+    from lorafuse.gguf_header import hparams_child, hparams_from_child
+
+    folder = tmp_path / model_type
+    extra = {"rope_parameters": LLAMA3_ROPE} if model_type == "llama" else {}
+    AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=2, **extra).save_pretrained(folder)
+    child = hparams_child(folder)
+    assert child is not None
+    assert hparams_from_child(child, folder) == AutoConfig.from_pretrained(folder, trust_remote_code=False).to_dict()

@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import InputError, LorafuseError
 from .gguf_header import load_hparams, tensor_type
+from .gguf_pack import new_writer
 from .io.checkpoint import Checkpoint
 from .io.output import AtomicOutput, check_output
 from .names.gguf import gguf_arch_of, gguf_tensor_name, norm_shift, qk_heads, qk_row_order, require_gguf
@@ -111,7 +112,7 @@ def convert_lora(
     _check_plain_lora(config, adapter)
     checked = check_output(output, overwrite, [adapter, base])
     blocks = params.get("num_hidden_layers", params.get("n_layers"))
-    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, spec.arch)])
+    writer = new_writer(gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, spec.arch)])
     with Checkpoint([_adapter_file(adapter)]) as checkpoint:
         pairs, norms = _pairs(checkpoint, adapter, params.get("vocab_size"))
         for key in norms:  # whole norm weights, as an extractor saved them: shifted as the base's are

@@ -278,7 +278,7 @@ def check_gguf_request(output: Path, outtype: str) -> None:
 def check_gguf_base(base: Path, config: dict[str, Any] | None, requant: str = "q8_0") -> None:
     """Before the adapters are read: a base lorafuse can convert (a model folder of a listed architecture), or a
     GGUF file (its architecture is checked as it is opened) with a ``requant`` type gguf-py writes."""
-    from ..gguf_header import OUTTYPES
+    from ..gguf_header import OUTTYPES, prefetch_hparams
     from ..names.gguf import gguf_arch_of
 
     if base.is_file() and base.suffix == ".gguf":
@@ -288,6 +288,7 @@ def check_gguf_base(base: Path, config: dict[str, Any] | None, requant: str = "q
     if not base.is_dir():
         raise LorafuseError(f"GGUF output needs the base model's folder (config.json and tokenizer), not {base}")
     gguf_arch_of(config, str(base / "config.json"))
+    prefetch_hparams(base)  # read as the converter reads it, beside the adapters and the plan
     readme = base / "README.md"
     hints = [base.name, str((config or {}).get("_name_or_path", "")), *((config or {}).get("architectures") or [])]
     text = readme.read_text(encoding="utf-8", errors="replace").lower() if readme.is_file() else ""
