@@ -11,6 +11,18 @@ from lorafuse.errors import DtypeOverflowError, LorafuseError, NonFiniteError
 from lorafuse.torch_bridge import to_numpy, to_torch
 
 
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def conversions(request, monkeypatch):
+    """Every test on both paths: the compiled conversions (fastcast.py, where built) and numpy's."""
+    from lorafuse import fastcast
+
+    if request.param == "compiled" and fastcast.FAST is None:
+        pytest.skip("the C extension is not built here")
+    if request.param == "numpy":
+        monkeypatch.setattr(arrays, "FAST", None)
+    return request.param
+
+
 def _values() -> np.ndarray:
     rng = np.random.default_rng(0)
     normal = rng.standard_normal(20000).astype(np.float32) * 3

@@ -43,4 +43,6 @@ def test_same_bytes_without_the_mixed_array(tmp_path):
         writer.close()
         return path.read_bytes()
 
-    assert header(new_writer("qwen3"), tmp_path / "a.gguf") == header(gguf.GGUFWriter(None, "qwen3"), tmp_path / "b.gguf")
+    assert header(new_writer("qwen3"), tmp_path / "a.gguf") == header(
+        gguf.GGUFWriter(None, "qwen3"), tmp_path / "b.gguf"
+    )

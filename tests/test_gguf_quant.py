@@ -14,6 +14,18 @@ from lorafuse.gguf_quant import CHUNK_BLOCKS, quantize, quantize_q8_0
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
 
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def quantizer(request, monkeypatch):
+    """Every test on both quantizers: the compiled one (fastcast.py, where built) and the numpy one."""
+    from lorafuse import fastcast, gguf_quant
+
+    if request.param == "compiled" and fastcast.FAST is None:
+        pytest.skip("the C extension is not built here")
+    if request.param == "numpy":
+        monkeypatch.setattr(gguf_quant, "FAST", None)
+    return request.param
+
+
 def reference(values: np.ndarray) -> np.ndarray:
     return np.asarray(gguf.quants.quantize(values, Q8_0))
 

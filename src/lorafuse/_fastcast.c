@@ -123,6 +123,43 @@ SIMD static void bf16_to_f16(const uint16_t *src, uint16_t *dst, Py_ssize_t n) {
     }
 }
 
+/* Q8_0 (gguf_quant.py): per block of 32 values d = max|x| / 127 and q = x * (1 / d) rounded half away from zero
+ * (adding copysign(0.5 - 2**-25, q) then truncating, as gguf_quant.py does it), stored as fp16 d then 32 int8 q.
+ * Returns 0 when a block's 1 / d overflows (a tiny scale): the caller takes gguf_quant.py's exact path then. */
+SIMD static int q8_0(const float *src, uint8_t *dst, Py_ssize_t blocks) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), half_down = _mm256_set1_ps(0.5f - 2.98023224e-08f);
+    for (Py_ssize_t b = 0; b < blocks; b++) {
+        const float *x = src + b * 32;
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(x + 8 * k);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[k]));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+        volatile float d = _mm_cvtss_f32(h) / 127.0f;  /* fp32 division, as numpy's */
+        float inverse = d == 0.0f ? 0.0f : 1.0f / d;
+        if (inverse > 3.40282347e+38f) return 0;
+        uint8_t *out = dst + b * 34;
+        uint16_t scale = (uint16_t)_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(d), _MM_FROUND_TO_NEAREST_INT), 0);
+        memcpy(out, &scale, 2);
+        __m256 inv = _mm256_set1_ps(inverse);
+        __m256i q[4];
+        for (int k = 0; k < 4; k++) {
+            __m256 scaled = _mm256_mul_ps(v[k], inv);
+            __m256 bias = _mm256_or_ps(_mm256_and_ps(scaled, sign), half_down);
+            q[k] = _mm256_cvttps_epi32(_mm256_add_ps(scaled, bias));
+        }
+        /* int32 -> int16 -> int8 (|q| <= 127: no saturation); packs work per 128-bit lane, so put lanes back */
+        __m256i w01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
+        __m256i w23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
+        __m256i bytes = _mm256_permute4x64_epi64(_mm256_packs_epi16(w01, w23), 0xD8);
+        _mm256_storeu_si256((__m256i *)(out + 2), bytes);
+    }
+    return 1;
+}
+
 #endif /* FASTCAST_X86 */
 
 enum kind { F16_TO_F32, F32_TO_F16, F32_TO_BF16, BF16_TO_F16 };
@@ -165,6 +202,32 @@ static PyObject *py_f32_to_f16(PyObject *self, PyObject *args) { return convert(
 static PyObject *py_f32_to_bf16(PyObject *self, PyObject *args) { return convert(args, F32_TO_BF16); }
 static PyObject *py_bf16_to_f16(PyObject *self, PyObject *args) { return convert(args, BF16_TO_F16); }
 
+static PyObject *py_q8_0(PyObject *self, PyObject *args) {
+    Py_buffer src, dst;
+    if (!PyArg_ParseTuple(args, "y*w*", &src, &dst)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t blocks = src.len / (32 * 4);
+    if (src.len % (32 * 4) || dst.len != blocks * 34) {
+        PyErr_SetString(PyExc_ValueError, "fastcast: q8_0 needs whole 32-value blocks and 34 bytes per block");
+        goto done;
+    }
+#if FASTCAST_X86
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    unsigned int saved = ieee_mxcsr();
+    ok = q8_0((const float *)src.buf, (uint8_t *)dst.buf, blocks);
+    _mm_setcsr(saved);
+    Py_END_ALLOW_THREADS
+    result = PyBool_FromLong(ok);
+#else
+    PyErr_SetString(PyExc_RuntimeError, "fastcast: not built for this CPU");
+#endif
+done:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return result;
+}
+
 static PyObject *py_available(PyObject *self, PyObject *unused) {
 #if FASTCAST_X86
     __builtin_cpu_init();
@@ -182,6 +245,8 @@ static PyMethodDef methods[] = {
     {"f32_to_bf16", py_f32_to_bf16, METH_VARARGS,
      "f32_to_bf16(src, dst) -> bool: fp32 -> bf16, to nearest even; False when an output is Inf or NaN."},
     {"bf16_to_f16", py_bf16_to_f16, METH_VARARGS, "bf16_to_f16(src, dst): bf16 -> fp16, to nearest even."},
+    {"q8_0", py_q8_0, METH_VARARGS,
+     "q8_0(src, dst) -> bool: fp32 blocks of 32 -> GGUF Q8_0 (34 bytes each); False if a scale is too small."},
     {NULL, NULL, 0, NULL},
 };
 

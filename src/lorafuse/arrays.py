@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from .errors import DtypeOverflowError, LorafuseError, NonFiniteError
-from .fastcast import FAST, bits16, usable
+from .fastcast import FAST, bits16, contiguous
 
 F64 = np.dtype("<f8")
 F32 = np.dtype("<f4")
@@ -121,7 +121,7 @@ def decode_f32(raw: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) 
         out = np.empty(values.shape, dtype=F32)
     if dtype == BF16:
         np.left_shift(values.view("<u2"), 16, out=out.view(np.uint32), dtype=np.uint32)
-    elif dtype == F16 and out.dtype == F32 and out.shape == values.shape and usable(values, out):
+    elif dtype == F16 and _compiled(values, out, F32):
         FAST.f16_to_f32(bits16(values), out)
     elif dtype == F16 and _bit_decodable(values, out):
         _decode_f16(values, out)
@@ -179,13 +179,19 @@ def round_to(values: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None)
         if out is not values:
             np.copyto(out, values)
         return out
-    if dtype in (F16, BF16) and values.dtype == F32 and out.shape == values.shape and usable(values, out):
+    if dtype in (F16, BF16) and values.dtype == F32 and _compiled(values, out, dtype):
         (FAST.f32_to_f16 if dtype == F16 else FAST.f32_to_bf16)(values, bits16(out))
     elif dtype == F16 and values.dtype == F32 and values.flags.c_contiguous and out.flags.c_contiguous:
         _round_f16(values.reshape(-1), out.reshape(-1))
     else:
         np.copyto(out, values, casting="unsafe")
     return out
+
+
+def _compiled(values: np.ndarray, out: np.ndarray, dtype: np.dtype) -> bool:
+    """True when the compiled conversions (fastcast.py) are here and apply: contiguous ``values`` into a
+    contiguous ``out`` of ``dtype`` and the same shape."""
+    return FAST is not None and out.dtype == dtype and out.shape == values.shape and contiguous(values, out)
 
 
 def _round_f16(values: np.ndarray, out: np.ndarray) -> None:
@@ -226,7 +232,7 @@ def checked_round(name: str, values: np.ndarray, dtype: np.dtype, out: np.ndarra
     """:func:`check_values` then :func:`round_to` into ``out``; with the compiled roundings (fastcast.py) in one
     pass that also tells whether any output is Inf or NaN, and the full check only then (it names the reason)."""
     dtype = np.dtype(dtype)
-    if dtype in (F16, BF16) and values.dtype == F32 and out.shape == values.shape and usable(values, out):
+    if dtype in (F16, BF16) and values.dtype == F32 and _compiled(values, out, dtype):
         rounding = FAST.f32_to_f16 if dtype == F16 else FAST.f32_to_bf16
         if not rounding(values, bits16(out)):
             check_values(name, values, dtype, nonfinite_ok)

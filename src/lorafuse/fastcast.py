@@ -27,10 +27,9 @@ def _load() -> ModuleType | None:
 FAST = _load()
 
 
-def usable(*arrays: np.ndarray) -> bool:
-    """True when :data:`FAST` is there and every array is C-contiguous (the conversions read and write flat
-    buffers)."""
-    return FAST is not None and all(a.flags.c_contiguous for a in arrays)
+def contiguous(*arrays: np.ndarray) -> bool:
+    """True when every array is C-contiguous (the compiled conversions read and write flat buffers)."""
+    return all(a.flags.c_contiguous for a in arrays)
 
 
 def bits16(values: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..arrays import BF16, F16, dtype_of, round_to
 from ..errors import LorafuseError
-from ..fastcast import FAST, bits16, usable
+from ..fastcast import FAST, bits16, contiguous
 from ..gguf_quant import quantize
 from ..io.layout import Slot
 from ..io.splice import FreshPageWriter
@@ -113,7 +113,7 @@ def to_f16(values: np.ndarray) -> np.ndarray:
         return values
     if values.dtype == BF16:
         out = np.empty(values.shape, dtype=np.float16)
-        if usable(values):
+        if FAST is not None and contiguous(values):
             FAST.bf16_to_f16(bits16(values), bits16(out))
         else:
             np.copyto(out, values, casting="unsafe")
