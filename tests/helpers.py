@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -230,3 +231,16 @@ def load_conv_net(folder: Path) -> TinyConvNet:
     net = TinyConvNet()
     net.load_state_dict(load_file(Path(folder) / "model.safetensors"))
     return net.eval()
+
+
+def conversion_path(request, monkeypatch, *modules) -> str:
+    """For a fixture parametrized ``["compiled", "numpy"]``: the test runs on lorafuse's compiled conversions
+    (fastcast.py; skipped where the extension is not built) or with them off in each of ``modules``."""
+    from lorafuse import fastcast
+
+    if request.param == "compiled" and fastcast.FAST is None:
+        pytest.skip("the C extension is not built here")
+    if request.param == "numpy":
+        for module in modules:
+            monkeypatch.setattr(module, "FAST", None)
+    return request.param

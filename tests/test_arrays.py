@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import conversion_path
 
 from lorafuse import arrays
 from lorafuse.errors import DtypeOverflowError, LorafuseError, NonFiniteError
@@ -14,13 +15,7 @@ from lorafuse.torch_bridge import to_numpy, to_torch
 @pytest.fixture(autouse=True, params=["compiled", "numpy"])
 def conversions(request, monkeypatch):
     """Every test on both paths: the compiled conversions (fastcast.py, where built) and numpy's."""
-    from lorafuse import fastcast
-
-    if request.param == "compiled" and fastcast.FAST is None:
-        pytest.skip("the C extension is not built here")
-    if request.param == "numpy":
-        monkeypatch.setattr(arrays, "FAST", None)
-    return request.param
+    return conversion_path(request, monkeypatch, arrays)
 
 
 def _values() -> np.ndarray:

@@ -8,7 +8,9 @@ import gguf  # the gguf extra is part of the test extra: a missing one fails, ne
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import conversion_path
 
+from lorafuse import gguf_quant
 from lorafuse.gguf_quant import CHUNK_BLOCKS, quantize, quantize_q8_0
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
@@ -17,13 +19,7 @@ Q8_0 = gguf.GGMLQuantizationType.Q8_0
 @pytest.fixture(autouse=True, params=["compiled", "numpy"])
 def quantizer(request, monkeypatch):
     """Every test on both quantizers: the compiled one (fastcast.py, where built) and the numpy one."""
-    from lorafuse import fastcast, gguf_quant
-
-    if request.param == "compiled" and fastcast.FAST is None:
-        pytest.skip("the C extension is not built here")
-    if request.param == "numpy":
-        monkeypatch.setattr(gguf_quant, "FAST", None)
-    return request.param
+    return conversion_path(request, monkeypatch, gguf_quant)
 
 
 def reference(values: np.ndarray) -> np.ndarray:

@@ -50,26 +50,6 @@ SIMD static __m128i nonfinite16(__m128i out, uint16_t mask) {
     return _mm_cmpeq_epi16(_mm_and_si128(out, m), m);
 }
 
-SIMD static int f32_to_f16(const float *src, uint16_t *dst, Py_ssize_t n) {
-    Py_ssize_t i = 0;
-    __m128i bad = _mm_setzero_si128();
-    for (; i + 8 <= n; i += 8) {
-        __m128i out = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
-        bad = _mm_or_si128(bad, nonfinite16(out, 0x7C00));
-        _mm_storeu_si128((__m128i *)(dst + i), out);
-    }
-    if (i < n) {
-        float in[8] = {0};
-        uint16_t out[8];
-        memcpy(in, src + i, (size_t)(n - i) * 4);
-        __m128i v = _mm256_cvtps_ph(_mm256_loadu_ps(in), _MM_FROUND_TO_NEAREST_INT);
-        bad = _mm_or_si128(bad, nonfinite16(v, 0x7C00));  /* the zero padding is finite */
-        _mm_storeu_si128((__m128i *)out, v);
-        memcpy(dst + i, out, (size_t)(n - i) * 2);
-    }
-    return _mm_testz_si128(bad, bad);
-}
-
 /* bf16 rounding on the bits: add 0x7FFF plus the lowest kept bit, keep the top half; a NaN becomes ml_dtypes'
  * quiet NaN (0x7FC0 with its sign). */
 SIMD static __m128i bf16_of(__m256 values) {
@@ -85,21 +65,28 @@ SIMD static __m128i bf16_of(__m256 values) {
     return _mm_packus_epi32(lo, hi);
 }
 
-SIMD static int f32_to_bf16(const float *src, uint16_t *dst, Py_ssize_t n) {
+SIMD static __m128i f16_of(__m256 values) { return _mm256_cvtps_ph(values, _MM_FROUND_TO_NEAREST_INT); }
+
+/* fp32 -> fp16 (``bf16`` 0) or bf16 (1), 8 values at a time, the tail through a zero-padded copy (zeros are finite);
+ * returns nonzero when every output is finite. */
+SIMD static int round_f32(const float *src, uint16_t *dst, Py_ssize_t n, int bf16) {
+    const uint16_t exponent = bf16 ? 0x7F80 : 0x7C00;
     Py_ssize_t i = 0;
     __m128i bad = _mm_setzero_si128();
     for (; i + 8 <= n; i += 8) {
-        __m128i out = bf16_of(_mm256_loadu_ps(src + i));
-        bad = _mm_or_si128(bad, nonfinite16(out, 0x7F80));
+        __m256 v = _mm256_loadu_ps(src + i);
+        __m128i out = bf16 ? bf16_of(v) : f16_of(v);
+        bad = _mm_or_si128(bad, nonfinite16(out, exponent));
         _mm_storeu_si128((__m128i *)(dst + i), out);
     }
     if (i < n) {
         float in[8] = {0};
         uint16_t out[8];
         memcpy(in, src + i, (size_t)(n - i) * 4);
-        __m128i v = bf16_of(_mm256_loadu_ps(in));
-        bad = _mm_or_si128(bad, nonfinite16(v, 0x7F80));
-        _mm_storeu_si128((__m128i *)out, v);
+        __m256 v = _mm256_loadu_ps(in);
+        __m128i rounded = bf16 ? bf16_of(v) : f16_of(v);
+        bad = _mm_or_si128(bad, nonfinite16(rounded, exponent));
+        _mm_storeu_si128((__m128i *)out, rounded);
         memcpy(dst + i, out, (size_t)(n - i) * 2);
     }
     return _mm_testz_si128(bad, bad);
@@ -162,9 +149,10 @@ SIMD static int q8_0(const float *src, uint8_t *dst, Py_ssize_t blocks) {
 
 #endif /* FASTCAST_X86 */
 
-enum kind { F16_TO_F32, F32_TO_F16, F32_TO_BF16, BF16_TO_F16 };
-static const int SRC_SIZE[] = {2, 4, 4, 2};
-static const int DST_SIZE[] = {4, 2, 2, 2};
+/* Bytes per converted unit: a value, or for Q8_0 a block of 32. */
+enum kind { F16_TO_F32, F32_TO_F16, F32_TO_BF16, BF16_TO_F16, F32_TO_Q8_0 };
+static const int SRC_SIZE[] = {2, 4, 4, 2, 32 * 4};
+static const int DST_SIZE[] = {4, 2, 2, 2, 34};
 
 static PyObject *convert(PyObject *args, enum kind kind) {
     Py_buffer src, dst;
@@ -181,9 +169,10 @@ static PyObject *convert(PyObject *args, enum kind kind) {
     unsigned int saved = ieee_mxcsr();
     switch (kind) {
         case F16_TO_F32: f16_to_f32((const uint16_t *)src.buf, (float *)dst.buf, n); break;
-        case F32_TO_F16: finite = f32_to_f16((const float *)src.buf, (uint16_t *)dst.buf, n); break;
-        case F32_TO_BF16: finite = f32_to_bf16((const float *)src.buf, (uint16_t *)dst.buf, n); break;
+        case F32_TO_F16: finite = round_f32((const float *)src.buf, (uint16_t *)dst.buf, n, 0); break;
+        case F32_TO_BF16: finite = round_f32((const float *)src.buf, (uint16_t *)dst.buf, n, 1); break;
         case BF16_TO_F16: bf16_to_f16((const uint16_t *)src.buf, (uint16_t *)dst.buf, n); break;
+        case F32_TO_Q8_0: finite = q8_0((const float *)src.buf, (uint8_t *)dst.buf, n); break;
     }
     _mm_setcsr(saved);
     Py_END_ALLOW_THREADS
@@ -202,31 +191,7 @@ static PyObject *py_f32_to_f16(PyObject *self, PyObject *args) { return convert(
 static PyObject *py_f32_to_bf16(PyObject *self, PyObject *args) { return convert(args, F32_TO_BF16); }
 static PyObject *py_bf16_to_f16(PyObject *self, PyObject *args) { return convert(args, BF16_TO_F16); }
 
-static PyObject *py_q8_0(PyObject *self, PyObject *args) {
-    Py_buffer src, dst;
-    if (!PyArg_ParseTuple(args, "y*w*", &src, &dst)) return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t blocks = src.len / (32 * 4);
-    if (src.len % (32 * 4) || dst.len != blocks * 34) {
-        PyErr_SetString(PyExc_ValueError, "fastcast: q8_0 needs whole 32-value blocks and 34 bytes per block");
-        goto done;
-    }
-#if FASTCAST_X86
-    int ok;
-    Py_BEGIN_ALLOW_THREADS
-    unsigned int saved = ieee_mxcsr();
-    ok = q8_0((const float *)src.buf, (uint8_t *)dst.buf, blocks);
-    _mm_setcsr(saved);
-    Py_END_ALLOW_THREADS
-    result = PyBool_FromLong(ok);
-#else
-    PyErr_SetString(PyExc_RuntimeError, "fastcast: not built for this CPU");
-#endif
-done:
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&dst);
-    return result;
-}
+static PyObject *py_q8_0(PyObject *self, PyObject *args) { return convert(args, F32_TO_Q8_0); }
 
 static PyObject *py_available(PyObject *self, PyObject *unused) {
 #if FASTCAST_X86
