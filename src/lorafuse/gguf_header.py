@@ -8,6 +8,7 @@ made from an f16 GGUF by llama.cpp's ``llama-quantize``.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import logging
@@ -121,7 +122,17 @@ def prefetch_hparams(folder: Path) -> None:
         return
     child = hparams_child(folder)
     if child is not None:
+        if not _PREFETCHED:
+            atexit.register(_stop_children)
         _PREFETCHED[key] = child
+
+
+def _stop_children() -> None:
+    """At exit: stop the children nobody read (the merge failed before its header)."""
+    for child in _PREFETCHED.values():
+        child.kill()
+        child.wait()
+    _PREFETCHED.clear()
 
 
 def hparams_child(folder: Path) -> subprocess.Popen | None:

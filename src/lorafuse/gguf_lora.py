@@ -18,6 +18,7 @@ import numpy as np
 from .errors import InputError, LorafuseError
 from .gguf_header import load_hparams, tensor_type
 from .gguf_pack import new_writer
+from .gguf_quant import quantize
 from .io.checkpoint import Checkpoint
 from .io.output import AtomicOutput, check_output
 from .names.gguf import gguf_arch_of, gguf_tensor_name, norm_shift, qk_heads, qk_row_order, require_gguf
@@ -161,7 +162,7 @@ def convert_lora(
 
 def _add(writer: Any, gguf: Any, spec: Any, name: str, data: np.ndarray, outtype: str) -> None:
     qtype = tensor_type(spec, name, data.shape, outtype)
-    writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)  # gguf-py's bytes (gguf_quant.py)
 
 
 def _add_invocation_tokens(writer: Any, gguf: Any, raw: dict[str, Any], adapter: Path) -> None:

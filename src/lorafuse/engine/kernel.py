@@ -8,7 +8,9 @@ so it and its buffers stay in the core's L2 cache between the decode, the produc
 reuses its buffers (fresh arrays per block would cost page faults every time), so memory is a few blocks per
 thread whatever the tensor, and the factors of one tensor. Edits that need every row at once (a norm across rows)
 get the tensor as one block. Untouched tensors that keep their dtype are copied file to file (``copy_file_range``),
-or are already in place (the prefill, io/prefill.py).
+or are already in place (the prefill, io/prefill.py). A writer with ``submit`` (the safetensors and GGUF sinks)
+takes the rounded blocks on its writer thread while the merge threads go on, each rounding into a ring of
+:data:`OUT_BUFFERS` buffers (a buffer is reused once its write is done).
 
 Jobs run on :func:`math_threads` threads: numpy's loops and products release the GIL, and each product runs on one
 BLAS thread, so the merge threads share the cores instead of a gang-scheduled BLAS pool spinning beside them.
