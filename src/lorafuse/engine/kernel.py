@@ -33,16 +33,19 @@ import numpy as np
 from ..arrays import F32, check_values, checked_round, decode_f32
 from ..edits import Array, BiasDelta, BlockOps, Edit, FullDiff, LoraDelta
 from ..errors import LorafuseError
+from ..fastcast import FAST
 from ..io.layout import Slot
 from ..io.writer import array_bytes
 from ..math_threads import math_threads
 from ..plan import MergePlan, OutputTensor
 from ..torch_bridge import check_device
 
-# fp32 bytes of one row block: the block, its raw rows, the product and the rounded rows stay in L2 between the
-# decode, the products and the rounding. An fp16 rank-32 block pipeline took 3.9 ns per element at 1 MB (also at
-# 512 KB) against 4.2 ns at 4 MB and 256 KB (docs/performance.md); the bytes are the same whatever the size.
-ROW_BLOCK_BYTES = 1 << 20
+# fp32 bytes of one row block. With numpy's conversions, 1 MB kept the block, its raw rows, the product and the
+# rounded rows in L2 between the passes: an fp16 rank-32 block pipeline took 3.9 ns per element at 1 MB (also at
+# 512 KB) against 4.2 ns at 4 MB and 256 KB (docs/performance.md). With the compiled conversions (fastcast.py)
+# there are fewer passes and the per-block calls weigh more: the SDXL bench's merge threads took 5.5-5.7 CPU s at
+# 4 MB against 6.4-7.3 at 1 MB. The bytes are the same whatever the size.
+ROW_BLOCK_BYTES = (4 << 20) if FAST is not None else (1 << 20)
 # A thread's buffers above this size (a whole-tensor block) are freed after the tensor, so one huge tensor does
 # not pin memory for the rest of the merge.
 KEEP_BUFFER_BYTES = 256 << 20
