@@ -8,6 +8,7 @@ to nearest, ties to even, once.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -179,8 +180,9 @@ def round_to(values: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None)
         if out is not values:
             np.copyto(out, values)
         return out
-    if dtype in (F16, BF16) and values.dtype == F32 and _compiled(values, out, dtype):
-        (FAST.f32_to_f16 if dtype == F16 else FAST.f32_to_bf16)(values, bits16(out))
+    rounding = _compiled_rounding(values, out, dtype)
+    if rounding is not None:
+        rounding(values, bits16(out))
     elif dtype == F16 and values.dtype == F32 and values.flags.c_contiguous and out.flags.c_contiguous:
         _round_f16(values.reshape(-1), out.reshape(-1))
     else:
@@ -192,6 +194,14 @@ def _compiled(values: np.ndarray, out: np.ndarray, dtype: np.dtype) -> bool:
     """True when the compiled conversions (fastcast.py) are here and apply: contiguous ``values`` into a
     contiguous ``out`` of ``dtype`` and the same shape."""
     return FAST is not None and out.dtype == dtype and out.shape == values.shape and contiguous(values, out)
+
+
+def _compiled_rounding(values: np.ndarray, out: np.ndarray, dtype: np.dtype) -> Any:
+    """The compiled fp32 -> ``dtype`` rounding that applies to ``values`` and ``out`` (it returns False when an
+    output is Inf or NaN), or None."""
+    if dtype not in (F16, BF16) or values.dtype != F32 or not _compiled(values, out, dtype):
+        return None
+    return FAST.f32_to_f16 if dtype == F16 else FAST.f32_to_bf16
 
 
 def _round_f16(values: np.ndarray, out: np.ndarray) -> None:
@@ -232,8 +242,8 @@ def checked_round(name: str, values: np.ndarray, dtype: np.dtype, out: np.ndarra
     """:func:`check_values` then :func:`round_to` into ``out``; with the compiled roundings (fastcast.py) in one
     pass that also tells whether any output is Inf or NaN, and the full check only then (it names the reason)."""
     dtype = np.dtype(dtype)
-    if dtype in (F16, BF16) and values.dtype == F32 and _compiled(values, out, dtype):
-        rounding = FAST.f32_to_f16 if dtype == F16 else FAST.f32_to_bf16
+    rounding = _compiled_rounding(values, out, dtype)
+    if rounding is not None:
         if not rounding(values, bits16(out)):
             check_values(name, values, dtype, nonfinite_ok)
         return

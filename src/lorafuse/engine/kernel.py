@@ -43,8 +43,9 @@ from ..torch_bridge import check_device
 # fp32 bytes of one row block. With numpy's conversions, 1 MB kept the block, its raw rows, the product and the
 # rounded rows in L2 between the passes: an fp16 rank-32 block pipeline took 3.9 ns per element at 1 MB (also at
 # 512 KB) against 4.2 ns at 4 MB and 256 KB (docs/performance.md). With the compiled conversions (fastcast.py)
-# there are fewer passes and the per-block calls weigh more: the SDXL bench's merge threads took 5.5-5.7 CPU s at
-# 4 MB against 6.4-7.3 at 1 MB. The bytes are the same whatever the size.
+# there are fewer passes and the per-block calls weigh more: alternating runs, the SDXL bench's merge threads took
+# 5.5-6.7 CPU s at 4 MB against 6.4-7.3 at 1 MB, the 1.7B LLM merge 2.3 s against 2.9-3.7 (docs/performance.md).
+# The bytes are the same whatever the size.
 ROW_BLOCK_BYTES = (4 << 20) if FAST is not None else (1 << 20)
 # A thread's buffers above this size (a whole-tensor block) are freed after the tensor, so one huge tensor does
 # not pin memory for the rest of the merge.

@@ -288,12 +288,12 @@ def check_gguf_base(base: Path, config: dict[str, Any] | None, requant: str = "q
     if not base.is_dir():
         raise LorafuseError(f"GGUF output needs the base model's folder (config.json and tokenizer), not {base}")
     gguf_arch_of(config, str(base / "config.json"))
-    prefetch_hparams(base)  # read as the converter reads it, beside the adapters and the plan
     readme = base / "README.md"
     hints = [base.name, str((config or {}).get("_name_or_path", "")), *((config or {}).get("architectures") or [])]
     text = readme.read_text(encoding="utf-8", errors="replace").lower() if readme.is_file() else ""
     if "# qwen3-reranker" in text or any("reranker" in h.lower() for h in hints):
         raise LorafuseError(f"{base} is a Qwen3 reranker: its GGUF classifier head is not implemented")
+    prefetch_hparams(base)  # read as the converter reads it, beside the adapters and the plan
 
 
 def _provenance(merged: str, base: Any, folder: Path | None) -> str:
