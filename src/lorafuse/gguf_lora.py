@@ -121,7 +121,7 @@ def convert_lora(
             name = gguf_tensor_name(spec, blocks, source)
             if name is not None:
                 values = checkpoint.array(key).astype(np.float32) + np.float32(norm_shift(spec, source))
-                _add(writer, gguf, spec, name, values, outtype)
+                _add(writer, spec, name, values, outtype)
         for source, parts in pairs.items():
             name = gguf_tensor_name(spec, blocks, source)
             if name is None:  # llama.cpp's converter would drop it silently, and the LoRA with it
@@ -136,8 +136,8 @@ def convert_lora(
                 b = b[qk_row_order(b.shape[0], heads)]
             if name == "token_embd.weight":  # llama.cpp reads an embedding's lora_a by token (rows)
                 a = a.T
-            _add(writer, gguf, spec, name + ".lora_a", np.ascontiguousarray(a), outtype)
-            _add(writer, gguf, spec, name + ".lora_b", np.ascontiguousarray(b), outtype)
+            _add(writer, spec, name + ".lora_a", np.ascontiguousarray(a), outtype)
+            _add(writer, spec, name + ".lora_b", np.ascontiguousarray(b), outtype)
     total = writer.get_total_parameter_count()
     metadata = gguf.Metadata.load(None, adapter, None, total[0])
     if metadata.name is None:
@@ -160,7 +160,7 @@ def convert_lora(
     return LoraConversion(str(output), spec.arch.lower(), outtype, float(config.lora_alpha), count)
 
 
-def _add(writer: Any, gguf: Any, spec: Any, name: str, data: np.ndarray, outtype: str) -> None:
+def _add(writer: Any, spec: Any, name: str, data: np.ndarray, outtype: str) -> None:
     qtype = tensor_type(spec, name, data.shape, outtype)
     writer.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)  # gguf-py's bytes (gguf_quant.py)
 
