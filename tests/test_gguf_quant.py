@@ -132,3 +132,18 @@ def test_other_types_go_to_gguf_py():
 def test_rows_of_partial_blocks_are_refused():
     with pytest.raises(ValueError, match="whole 32-value blocks"):
         quantize_q8_0(np.zeros((2, 48), dtype=np.float32))
+
+
+def test_non_finite_blocks_take_the_numpy_steps(quantizer, monkeypatch):
+    """A block holding Inf or NaN: the compiled quantizer hands the call to the numpy steps (how such values become
+    int8 is numpy's and the CPU's), so both paths give the same bytes."""
+    from lorafuse import gguf_quant
+
+    values = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)
+    values[1, 3], values[2, 40] = np.inf, np.nan
+    with np.errstate(invalid="ignore"):
+        ours = quantize_q8_0(values)
+        monkeypatch.setattr(gguf_quant, "FAST", None)
+        numpy_steps = quantize_q8_0(values)
+    assert np.array_equal(ours, numpy_steps)
+    assert np.array_equal(ours[0], reference(values[:1])[0])  # the finite rows as gguf-py writes them

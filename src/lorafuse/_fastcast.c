@@ -112,16 +112,21 @@ SIMD static void bf16_to_f16(const uint16_t *src, uint16_t *dst, Py_ssize_t n) {
 
 /* Q8_0 (gguf_quant.py): per block of 32 values d = max|x| / 127 and q = x * (1 / d) rounded half away from zero
  * (adding copysign(0.5 - 2**-25, q) then truncating, as gguf_quant.py does it), stored as fp16 d then 32 int8 q.
- * Returns 0 when a block's 1 / d overflows (a tiny scale): the caller takes gguf_quant.py's exact path then. */
+ * Returns 0 when a block holds an Inf or NaN or its 1 / d overflows (a tiny scale): the caller takes
+ * gguf_quant.py's exact path then (how those become int8 is numpy's and the CPU's). */
 SIMD static int q8_0(const float *src, uint8_t *dst, Py_ssize_t blocks) {
     const __m256 sign = _mm256_set1_ps(-0.0f), half_down = _mm256_set1_ps(0.5f - 2.98023224e-08f);
+    const __m256 infinity = _mm256_set1_ps(__builtin_inff());
     for (Py_ssize_t b = 0; b < blocks; b++) {
         const float *x = src + b * 32;
-        __m256 v[4], m = _mm256_setzero_ps();
+        __m256 v[4], m = _mm256_setzero_ps(), nonfinite = _mm256_setzero_ps();
         for (int k = 0; k < 4; k++) {
             v[k] = _mm256_loadu_ps(x + 8 * k);
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[k]));
+            __m256 magnitude = _mm256_andnot_ps(sign, v[k]);
+            m = _mm256_max_ps(m, magnitude);
+            nonfinite = _mm256_or_ps(nonfinite, _mm256_cmp_ps(magnitude, infinity, _CMP_NLT_UQ));
         }
+        if (_mm256_movemask_ps(nonfinite)) return 0;  /* Inf or NaN: gguf_quant.py's own steps decide those */
         __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
         h = _mm_max_ps(h, _mm_movehl_ps(h, h));
         h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
