@@ -382,14 +382,12 @@ def run(
 
         return run_body
 
-    submit = getattr(writer, "submit", None)
+    # The writer thread where the writer has one (returns an event per block), else written here (None).
+    hand_over = writer.write if gpu else getattr(writer, "submit", writer.write)
 
     @job
     def merge_job(out: OutputTensor, slot: Slot) -> None:
-        if submit is None or gpu:
-            merger(out).merge(out, lambda at, data: writer.write(slot, data, at), failed.is_set)
-        else:
-            merger(out).merge(out, lambda at, data: submit(slot, data, at), failed.is_set)
+        merger(out).merge(out, lambda at, data: hand_over(slot, data, at), failed.is_set)
         done(slot.nbytes)
 
     @job

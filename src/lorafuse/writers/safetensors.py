@@ -78,23 +78,27 @@ class SafetensorsShardSink:
 
     def write(self, slot: Slot, data: memoryview, at: int = 0) -> None:
         """Write ``data`` at byte ``at`` of ``slot`` (safe from several threads: slots and pieces never overlap)."""
-        if self.prefill is not None:
-            self.prefill.wait_for(slot.name)  # the prefill must not copy base bytes over what is written here
-        fd, offset = self.fds[slot.shard], slot.offset + at
-        if self.prefill is not None and not self.prefill.skipped(slot.name):
-            pwrite_all(fd, data, offset)  # existing pages: pwrite, as measured with the prefill
-        else:
-            self._fresh.write(fd, data, offset)
+        if not self._over_prefill(slot, data, at):
+            self._fresh.write(self.fds[slot.shard], data, slot.offset + at)
 
     def submit(self, slot: Slot, data: memoryview, at: int = 0) -> threading.Event | None:
         """:meth:`write` by the writer thread where the pages are fresh (io/splice.py): returns the event set once
         ``data`` is written (it must not change until then), or None when written here already."""
-        if self.prefill is not None:
-            self.prefill.wait_for(slot.name)
-            if not self.prefill.skipped(slot.name):
-                pwrite_all(self.fds[slot.shard], data, slot.offset + at)
-                return None
+        if self._over_prefill(slot, data, at):
+            return None
         return self._fresh.submit(self.fds[slot.shard], data, slot.offset + at)
+
+    def _over_prefill(self, slot: Slot, data: memoryview, at: int) -> bool:
+        """Once the prefill has passed ``slot`` (it must not copy base bytes over what is written here): where it
+        copied the slot, write ``data`` over those existing pages with pwrite (as measured with the prefill) and
+        return True; False where the pages are fresh."""
+        if self.prefill is None:
+            return False
+        self.prefill.wait_for(slot.name)
+        if self.prefill.skipped(slot.name):
+            return False
+        pwrite_all(self.fds[slot.shard], data, slot.offset + at)
+        return True
 
     def flush(self) -> None:
         """Wait for every submitted write; raise a failed one."""
